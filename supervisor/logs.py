@@ -1,0 +1,65 @@
+"""Structured logging: one event per line, every event tagged with pid, role, generation, worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _LineWriter:
+    """Writes each rendered event with a single os.write, so lines from the master and
+    all workers sharing one stdout pipe never interleave (writes <= PIPE_BUF are atomic)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self._fd = fd
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "replace")
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            pass  # stdout gone (closed pipe): logging must never take the process down
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
+    """Configure structlog for this process.  Called again in each worker after fork."""
+    if fmt == "auto":
+        fmt = "console" if os.isatty(1) else "json"
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=lambda *args: _LineWriter(),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(pid=os.getpid(), **context)
+
+
+def get(**context: Any) -> Any:
+    return structlog.get_logger().bind(**context)
+
+
+def error_line(message: str) -> None:
+    """The one clear line a user sees for a fatal error (stderr, plain text)."""
+    sys.stderr.write(f"supervise: error: {message}\n")
+    sys.stderr.flush()

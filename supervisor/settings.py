@@ -1,0 +1,429 @@
+"""Every setting declared once.
+
+Each `Setting` record carries its name, CLI flag, environment variables, parser
+(type and validation in one callable), default and help text.  The argparse
+parser, the frozen `Config` object and `docs/configuration.md` are all derived
+from `SETTINGS`; nothing else in the package names a flag or an env var.
+
+Precedence: command line, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+
+class ConfigError(Exception):
+    """A setting has a value we cannot use.  Reported as one line, exit 2."""
+
+
+# --------------------------------------------------------------------------- parsers
+# A parser turns one string into a value or raises ValueError with a message
+# that reads well after "invalid value for --flag: ".
+
+
+def parse_app(text: str) -> str:
+    module, _, attr = text.partition(":")
+    ident = r"[A-Za-z_][A-Za-z0-9_]*"
+    if not re.fullmatch(rf"{ident}(\.{ident})*", module):
+        raise ValueError(f"{text!r} is not MODULE or MODULE:CALLABLE")
+    if attr and not re.fullmatch(rf"{ident}(\.{ident})*", attr):
+        raise ValueError(f"{text!r}: {attr!r} is not a Python name")
+    return text
+
+
+def parse_bind(text: str) -> str:
+    # Validated here; turned into an address by supervisor.sockets.parse_address.
+    from supervisor.sockets import parse_address
+
+    parse_address(text)
+    return text
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{text} is negative")
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+
+
+def duration(text: str) -> float:
+    """Seconds, as a plain number or with a unit: 250ms, 8s, 1m, 1h."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (examples: 8, 8s, 250ms, 1m)")
+    scale = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def positive_duration(text: str) -> float:
+    value = duration(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    return value
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+
+
+def size(text: str) -> int:
+    """Bytes, as a plain number or with a unit: 64k, 10M, 1G (powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 8192, 64k, 10M)")
+    unit = (match.group(2) or "b")[0].lower()
+    return int(match.group(1)) * {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return text
+
+    parse.choices = options  # type: ignore[attr-defined]
+    return parse
+
+
+def boolean(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use 1/0, true/false, yes/no)")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def text_value(text: str) -> str:
+    return text
+
+
+def path_value(text: str) -> str:
+    if not text:
+        raise ValueError("empty path")
+    return text
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    section: str
+    flags: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    multiple: bool = False  # repeatable flag; env value is comma-separated
+    switch: bool = False  # a flag that takes no value (--flag sets True)
+    positional: bool = False
+    metavar: str | None = None
+    default_doc: str | None = None  # how the default reads in docs, when computed
+
+    def __post_init__(self) -> None:
+        if not self.flags and not self.positional:
+            object.__setattr__(self, "flags", ("--" + self.name.replace("_", "-"),))
+        if not self.env:
+            object.__setattr__(self, "env", ("SUPERVISE_" + self.name.upper(),))
+
+    def default_value(self) -> Any:
+        value = self.default() if callable(self.default) else self.default
+        return list(value) if self.multiple else value
+
+    def describe_default(self) -> str:
+        if self.default_doc is not None:
+            return self.default_doc
+        value = self.default_value()
+        if value in (None, [], ()):
+            return "unset"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, list):
+            return ", ".join(str(v) for v in value)
+        return str(value)
+
+
+def S(name: str, parse: Callable[[str], Any], default: Any, help: str, section: str, **kw: Any) -> Setting:
+    return Setting(name=name, parse=parse, default=default, help=help, section=section, **kw)
+
+
+WATCH_INCLUDE = ["*.py", "*.html", "*.json", "*.yaml", "*.yml", "*.toml", "*.ini", "*.cfg"]
+WATCH_EXCLUDE = [".git/", "__pycache__/", "*.pyc", "*.log", "*.swp", "*~", ".#*", "node_modules/"]
+
+SETTINGS: tuple[Setting, ...] = (
+    # ---------------------------------------------------------------- application
+    S("app", parse_app, None, "The WSGI application: MODULE (callable `application`) or MODULE:CALLABLE.",
+      "Application", positional=True, metavar="APP"),
+    S("chdir", path_value, None,
+      "Code directory. Workers resolve its real path at start (so a re-pointed symlink takes effect on the "
+      "next generation), chdir into it and put it first on sys.path. Watched for changes by default.",
+      "Application", metavar="DIR"),
+    S("env", key_value, [], "Extra environment variable for the workers, KEY=VALUE (repeatable).",
+      "Application", multiple=True, metavar="KEY=VALUE"),
+    # ---------------------------------------------------------------- server
+    S("bind", parse_bind, ["127.0.0.1:8000"],
+      "Address to listen on (repeatable): HOST:PORT, [IPv6]:PORT or unix:/path. Port 0 picks a free port; "
+      "the real one is logged in the `bound` event. Bound once by the master and inherited by every generation.",
+      "Server", flags=("-b", "--bind"), multiple=True, metavar="ADDRESS"),
+    S("backlog", positive_int, 2048, "Listen queue length of each bound socket.", "Server", metavar="N"),
+    S("workers", positive_int, _cpu_count, "Number of worker processes per generation.", "Server",
+      flags=("-w", "--workers"), metavar="N", default_doc="number of usable CPUs"),
+    S("threads", positive_int, 1,
+      "Threads per worker that run the application. With 1 the app runs on the worker's event loop thread.",
+      "Server", metavar="N"),
+    S("keepalive_timeout", duration, 5.0, "Close a keep-alive connection idle this long.", "Server",
+      flags=("--keepalive-timeout",), metavar="DURATION"),
+    S("limit_request_line", positive_int, 8190, "Longest request line (method, target, version) in bytes; "
+      "longer gets 414.", "Server", metavar="BYTES"),
+    S("limit_request_headers", size, 65536, "Largest request head (request line and headers) in bytes; "
+      "larger gets 431.", "Server", metavar="SIZE"),
+    S("limit_request_body", size, 100 * 1024 * 1024, "Largest request body; larger gets 413. 0 means no "
+      "limit.", "Server", metavar="SIZE", default_doc="100M"),
+    S("access_log", boolean, False, "Log one `request` event per request.", "Logging", switch=True),
+    S("log_level", choice("debug", "info", "warning", "error"), "info", "Lowest level logged.", "Logging",
+      metavar="LEVEL"),
+    S("log_format", choice("auto", "json", "console"), "auto",
+      "json: one JSON object per line; console: human-readable. auto picks json unless stdout is a TTY.",
+      "Logging", metavar="FORMAT"),
+    # ---------------------------------------------------------------- lifecycle
+    S("graceful_timeout", duration, 8.0,
+      "How long draining workers may finish in-flight requests before they are killed. Keep it, plus "
+      "--consul-drain-delay, under the container's stop timeout (Docker: 10 s).", "Lifecycle",
+      metavar="DURATION"),
+    S("boot_timeout", positive_duration, 30.0,
+      "How long a new worker may take to import the app and report ready. A first generation that misses "
+      "it makes supervise exit 3; a reload that misses it is abandoned and the old generation keeps serving.",
+      "Lifecycle", metavar="DURATION"),
+    S("worker_timeout", duration, 30.0, "Kill and replace a worker whose heartbeat is silent this long. "
+      "0 disables.", "Lifecycle", metavar="DURATION"),
+    S("reload_strategy", choice("generation", "rolling"), "generation",
+      "generation: the whole new generation is ready before the old one drains. rolling: one worker at a "
+      "time, never more than workers+1 alive.", "Lifecycle", metavar="STRATEGY"),
+    S("max_requests", non_negative_int, 0, "Recycle a worker after this many requests (0: never). The "
+      "replacement is ready before the old worker retires.", "Lifecycle", metavar="N"),
+    S("max_requests_jitter", non_negative_int, 0, "Add a random 0..N to --max-requests per worker so "
+      "workers do not all recycle at once.", "Lifecycle", metavar="N"),
+    S("max_rss", size, 0, "Recycle a worker whose resident memory exceeds this (0: never), e.g. 512M. "
+      "Checked by the master every few seconds.", "Lifecycle", metavar="SIZE"),
+    S("health_bind", parse_bind, None,
+      "Address of the master's health endpoint (GET /health: 200 while a generation is ready, 503 once "
+      "shutdown begins; JSON state). Used by Docker HEALTHCHECK and Consul HTTP checks.", "Lifecycle",
+      metavar="ADDRESS"),
+    # ---------------------------------------------------------------- watch
+    S("watch", path_value, [], "Directory to watch for code changes (repeatable). Defaults to --chdir "
+      "when one is given.", "Code watcher", multiple=True, metavar="PATH"),
+    S("no_watch", boolean, False, "Do not watch for code changes.", "Code watcher", switch=True),
+    S("watch_include", text_value, WATCH_INCLUDE, "Glob of files whose change triggers a reload "
+      "(repeatable; replaces the default list).", "Code watcher", multiple=True, metavar="GLOB"),
+    S("watch_exclude", text_value, WATCH_EXCLUDE, "Glob of paths never to react to (repeatable; replaces "
+      "the default list). A pattern ending in / excludes a directory at any depth.", "Code watcher",
+      multiple=True, metavar="GLOB"),
+    S("watch_debounce", duration, 0.3,
+      "Quiet time after the last change of a burst before the reload starts.", "Code watcher",
+      metavar="DURATION"),
+    S("watch_poll", boolean, False, "Poll the file system instead of using inotify (for mounts that "
+      "deliver no events).", "Code watcher", switch=True),
+    S("watch_poll_interval", positive_duration, 1.0, "Polling interval with --watch-poll or the "
+      "automatic polling fallback.", "Code watcher", metavar="DURATION"),
+    S("touch_reload", path_value, [], "Reload when this file's mtime changes (repeatable). Works with "
+      "--no-watch.", "Code watcher", multiple=True, metavar="FILE"),
+    # ---------------------------------------------------------------- consul
+    S("consul", text_value, None, "Consul agent address (host:port or http://host:port). Enables Consul.",
+      "Consul", env=("SUPERVISE_CONSUL", "CONSUL_HTTP_ADDR"), metavar="ADDRESS"),
+    S("consul_token", text_value, None, "ACL token.", "Consul",
+      env=("SUPERVISE_CONSUL_TOKEN", "CONSUL_HTTP_TOKEN"), metavar="TOKEN"),
+    S("consul_dc", text_value, None, "Datacenter.", "Consul", metavar="DC"),
+    S("consul_timeout", positive_duration, 5.0, "Timeout of every Consul HTTP call.", "Consul",
+      metavar="DURATION"),
+    S("consul_service", text_value, None, "Service name to register.", "Consul", metavar="NAME",
+      default_doc="the app's top-level module name"),
+    S("consul_service_id", text_value, None, "Service ID.", "Consul", metavar="ID",
+      default_doc="NAME-HOSTNAME-PORT"),
+    S("consul_tag", text_value, [], "Service tag (repeatable).", "Consul", multiple=True, metavar="TAG"),
+    S("consul_meta", key_value, [], "Service meta KEY=VALUE (repeatable).", "Consul", multiple=True,
+      metavar="KEY=VALUE"),
+    S("consul_address", text_value, None, "Address to advertise.", "Consul", metavar="HOST",
+      default_doc="the agent's address for this node"),
+    S("consul_port", non_negative_int, None, "Port to advertise.", "Consul", metavar="PORT",
+      default_doc="the first --bind port"),
+    S("consul_check", choice("ttl", "http"), "ttl",
+      "ttl: the master sends heartbeats. http: the agent polls --health-bind.", "Consul", metavar="KIND"),
+    S("consul_ttl", positive_duration, 10.0, "TTL of the ttl check; heartbeats go at a third of it.",
+      "Consul", metavar="DURATION"),
+    S("consul_check_interval", positive_duration, 5.0, "Interval of the http check.", "Consul",
+      metavar="DURATION"),
+    S("consul_deregister_after", positive_duration, 60.0,
+      "DeregisterCriticalServiceAfter: the agent removes an instance critical this long (minimum 1m).",
+      "Consul", metavar="DURATION"),
+    S("consul_on_stop", choice("deregister", "maintenance"), "deregister",
+      "What shutdown does first: remove the instance, or put it in maintenance.", "Consul", metavar="MODE"),
+    S("consul_drain_delay", duration, 2.0,
+      "Wait after deregistering before draining, so DNS caches and load balancers stop sending traffic.",
+      "Consul", metavar="DURATION"),
+    S("consul_kv_prefix", text_value, None,
+      "Load every key under this KV prefix into the workers' environment before the first generation; "
+      "a change reloads gracefully with the new environment.", "Consul", metavar="PREFIX"),
+    S("consul_kv_required", boolean, False, "Exit (code 5) when the KV prefix cannot be read at start.",
+      "Consul", switch=True),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+Config = dataclasses.make_dataclass(
+    "Config", [(s.name, Any, field(default=None)) for s in SETTINGS], frozen=True
+)
+Config.__doc__ = "The resolved settings. Attributes are the setting names."
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, never the usage block
+        raise ConfigError(f"{message} (see supervise --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="supervise",
+        description="Run a WSGI app in a pre-fork worker pool that reloads by generations with zero "
+        "failed requests. Designed to be a container's PID 1.",
+        epilog="Every option can also be set with the environment variable shown. Exit codes: 0 clean "
+        "shutdown, 1 internal error, 2 bad configuration, 3 the app cannot boot, 4 cannot bind, "
+        "5 required Consul KV unreadable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"supervise {_version()}")
+    groups: dict[str, Any] = {}
+    for s in SETTINGS:
+        group = groups.setdefault(s.section, parser.add_argument_group(s.section))
+        help_text = f"{s.help} [env: {', '.join(s.env)}; default: {s.describe_default()}]"
+        help_text = help_text.replace("%", "%%")
+        if s.positional:
+            group.add_argument(s.name, nargs="?", metavar=s.metavar, help=help_text)
+        elif s.switch:
+            group.add_argument(*s.flags, dest=s.name, action="store_const", const="1", default=None,
+                               help=help_text)
+        else:
+            group.add_argument(*s.flags, dest=s.name, metavar=s.metavar, default=None,
+                               action="append" if s.multiple else "store", help=help_text)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("supervise")
+    except Exception:  # not installed (running from a checkout)
+        return "0+unknown"
+
+
+def _convert(s: Setting, raw: Any, origin: str) -> Any:
+    items = raw if isinstance(raw, list) else [raw]
+    try:
+        values = [s.parse(item) for item in items]
+    except ValueError as exc:
+        raise ConfigError(f"invalid value for {origin}: {exc}") from None
+    return values if s.multiple else values[0]
+
+
+def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Any:
+    """Turn command line and environment into a `Config`, or raise ConfigError."""
+    ns = build_parser().parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = getattr(ns, s.name)
+        if raw is not None:
+            values[s.name] = _convert(s, raw, s.flags[-1] if s.flags else s.metavar or s.name)
+            continue
+        env_name = next((e for e in s.env if environ.get(e, "") != ""), None)
+        if env_name is not None:
+            raw_env = environ[env_name]
+            if s.multiple:
+                raw_env = [part.strip() for part in raw_env.split(",") if part.strip()]
+            values[s.name] = _convert(s, raw_env, env_name)
+        else:
+            values[s.name] = s.default_value()
+    if not values["app"]:
+        raise ConfigError("missing APP: give MODULE or MODULE:CALLABLE (see supervise --help)")
+    for name in ("bind", "env", "consul_meta", "consul_tag", "watch", "watch_include", "watch_exclude",
+                 "touch_reload"):
+        values[name] = tuple(values[name])
+    if values["consul_deregister_after"] < 60:
+        raise ConfigError("invalid value for --consul-deregister-after: Consul's minimum is 1m")
+    return Config(**values)
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def markdown() -> str:
+    """docs/configuration.md, generated from SETTINGS (tests/test_settings.py checks it is current)."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from supervisor/settings.py by `python -m supervisor.settings`. Do not edit. -->",
+        "",
+        "Every setting can be given on the command line or in the environment. The command line wins over "
+        "the environment, which wins over the default. Repeatable settings take a comma-separated list "
+        "in the environment. Durations accept `250ms`, `8s`, `1m`; sizes accept `64k`, `10M`, `1G`.",
+        "",
+    ]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            lines += [f"## {section}", "", "| setting | environment | default | meaning |", "|---|---|---|---|"]
+        if s.positional:
+            flag = f"`{s.metavar}` (positional)"
+        else:
+            arg = "" if s.switch else f" {s.metavar or 'VALUE'}"
+            flag = ", ".join(f"`{f}{arg}`" for f in s.flags)
+            if s.multiple:
+                flag += " (repeatable)"
+        choices = getattr(s.parse, "choices", None)
+        meaning = s.help + (f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else "")
+        env = ", ".join(f"`{e}`" for e in s.env)
+        meaning = meaning.replace("|", "\\|")
+        lines.append(f"| {flag} | {env} | {s.describe_default()} | {meaning} |")
+        nxt = SETTINGS.index(s) + 1
+        if nxt == len(SETTINGS) or SETTINGS[nxt].section != section:
+            lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())

@@ -1,0 +1,112 @@
+"""Listening sockets: parsed from --bind, bound once by the master, inherited by workers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Address:
+    family: int
+    host: str  # for AF_UNIX: the path
+    port: int
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_UNIX:
+            return f"unix:{self.host}"
+        if self.family == socket.AF_INET6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class BindError(Exception):
+    """A socket cannot be bound.  Reported as one line, exit 4."""
+
+
+def parse_address(text: str) -> Address:
+    """HOST:PORT, [IPv6]:PORT, :PORT (all interfaces) or unix:/path.  ValueError if malformed."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ValueError(f"{text!r}: empty unix socket path")
+        return Address(socket.AF_UNIX, path, 0)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [IPv6]:PORT")
+        family, port_text = socket.AF_INET6, rest[1:]
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} is not HOST:PORT, [IPv6]:PORT or unix:/path")
+        host = host or "0.0.0.0"
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+        family = socket.AF_INET
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return Address(family, host, int(port_text))
+
+
+def bind(address: Address, backlog: int) -> socket.socket:
+    """Bind and listen.  Raises BindError with a one-line reason."""
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        if address.family == socket.AF_UNIX:
+            _remove_stale_unix_socket(address.host)
+            sock.bind(address.host)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        reason = {errno.EADDRINUSE: "address already in use", errno.EACCES: "permission denied",
+                  errno.EADDRNOTAVAIL: "address not available on this host"}.get(exc.errno, exc.strerror)
+        raise BindError(f"cannot bind {address}: {reason}") from None
+    except socket.gaierror as exc:
+        sock.close()
+        raise BindError(f"cannot bind {address}: {exc.strerror}") from None
+    # Workers must not inherit-then-exec it by accident, but they do inherit it over fork.
+    sock.set_inheritable(False)
+    return sock
+
+
+def bound_address(sock: socket.socket, requested: Address) -> Address:
+    """The real address, e.g. the port the kernel picked for port 0."""
+    if requested.family == socket.AF_UNIX:
+        return requested
+    host, port = sock.getsockname()[:2]
+    return Address(requested.family, host, port)
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """Remove a socket file left by a dead process; refuse to touch anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise BindError(f"cannot bind unix:{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise BindError(f"cannot bind unix:{path}: another process is listening on it")
