@@ -1,0 +1,608 @@
+"""HTTP/1.1 for one client connection, parsed by httptools, served to a WSGI app.
+
+A `Connection` is fed bytes by the worker loop (`feed`).  The httptools parser calls
+back into it and it queues `Request` objects; a request is *dispatchable* once its
+head is complete.  `serve(conn)` runs the app for every dispatchable request in
+order (pipelining) and writes the responses.  The request body streams: when the
+app reads `wsgi.input` past what has arrived, the connection reads more from the
+socket and feeds the parser, which may also queue the next pipelined request.
+
+Sockets are non-blocking.  Reads and writes that would block wait with poll()
+and a deadline, so the same code runs inline on the loop thread (--threads 1)
+and in a thread pool.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import socket
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import httptools
+
+RECV_SIZE = 65536
+IO_TIMEOUT = 60.0  # a client that neither sends nor reads for this long is dropped
+
+REASONS = {
+    400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    503: "Service Unavailable",
+}
+
+
+class ClientGone(Exception):
+    """The client closed or stalled; the connection is dropped without a response."""
+
+
+class BodyTooLarge(Exception):
+    """Raised into the app by wsgi.input when the body passes --limit-request-body."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    request_line: int
+    headers: int
+    body: int  # 0: unlimited
+
+
+class Request:
+    __slots__ = ("url", "headers", "method", "version", "keep_alive", "head_complete", "complete",
+                 "body", "received", "head_size", "raw_head", "expect_continue", "content_length",
+                 "chunked", "upgrade")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b"GET"
+        self.version = "1.1"
+        self.keep_alive = True
+        self.head_complete = False
+        self.complete = False
+        self.body: deque[bytes] = deque()
+        self.received = 0
+        self.head_size = 0
+        self.raw_head = 0
+        self.expect_continue = False
+        self.content_length: int | None = None
+        self.chunked = False
+        self.upgrade = False
+
+
+class Connection:
+    """One client socket: parser state, queued requests, and blocking-with-deadline I/O."""
+
+    def __init__(self, sock: socket.socket, peer: Any, limits: Limits, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.limits = limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.requests: deque[Request] = deque()
+        self.error: int | None = None  # status to answer with, set by parser callbacks
+        self.closing = False  # no more requests will be read (Connection: close sent or due)
+        self.eof = False
+        self.last_active = now
+        self.served = 0
+        self.drain_notice: float | None = None  # when the worker began draining with this conn idle
+        self._cur: Request | None = None
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        self._cur = Request()
+        self.requests.append(self._cur)
+
+    def on_url(self, url: bytes) -> None:
+        cur = self._cur
+        cur.url += url  # type: ignore[union-attr]
+        if len(cur.url) > self.limits.request_line and self.error is None:  # type: ignore[union-attr]
+            self.error = 414
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        cur = self._cur
+        cur.headers.append((name, value))  # type: ignore[union-attr]
+        cur.head_size += len(name) + len(value) + 4  # type: ignore[union-attr]
+        if cur.head_size > self.limits.headers and self.error is None:  # type: ignore[union-attr]
+            self.error = 431
+
+    def on_headers_complete(self) -> None:
+        cur = self._cur
+        assert cur is not None
+        p = self.parser
+        cur.method = p.get_method()
+        cur.version = p.get_http_version()
+        cur.keep_alive = p.should_keep_alive()
+        cur.upgrade = p.should_upgrade()
+        cur.head_complete = True
+        for name, value in cur.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                try:
+                    cur.content_length = int(value)
+                except ValueError:
+                    self.error = self.error or 400
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                cur.chunked = True
+            elif lname == b"expect" and value.lower() == b"100-continue":
+                cur.expect_continue = True
+        limit = self.limits.body
+        if limit and cur.content_length is not None and cur.content_length > limit:
+            self.error = self.error or 413
+
+    def on_body(self, body: bytes) -> None:
+        cur = self._cur
+        cur.body.append(body)  # type: ignore[union-attr]
+        cur.received += len(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        if self._cur is not None:
+            self._cur.complete = True
+        self._cur = None
+
+    # ------------------------------------------------------------------ feeding
+    def feed(self, data: bytes) -> None:
+        """Parse bytes that arrived.  Sets `error` on a protocol error."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # served as a plain request, then closed: WSGI has no upgrades
+        except httptools.HttpParserError:
+            self.error = self.error or 400
+        cur = self._cur
+        if cur is not None and not cur.head_complete and self.error is None:
+            cur.raw_head += len(data)
+            if cur.raw_head > self.limits.headers + self.limits.request_line:
+                self.error = 431
+
+    def dispatchable(self) -> bool:
+        return bool(self.requests) and self.requests[0].head_complete
+
+    def idle(self) -> bool:
+        """No request queued and no partial request: safe to close."""
+        return not self.requests and self._cur is None
+
+    def read_more(self, timeout: float = IO_TIMEOUT) -> None:
+        """Blocking read (with deadline) and feed.  ClientGone on EOF or timeout."""
+        data = recv(self.sock, timeout)
+        if not data:
+            self.eof = True
+            raise ClientGone("client closed the connection")
+        self.feed(data)
+
+    def send(self, data: bytes | memoryview) -> None:
+        send_all(self.sock, data)
+
+    def close(self) -> None:
+        """shutdown() then close(), so unread data or a late request never turns into a RST."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def recv(sock: socket.socket, timeout: float) -> bytes:
+    while True:
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            wait(sock, select.POLLIN, timeout)
+        except (ConnectionError, TimeoutError):
+            return b""
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            wait(sock, select.POLLOUT, IO_TIMEOUT)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+
+
+def wait(sock: socket.socket, events: int, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(sock, events | select.POLLERR | select.POLLHUP)
+    if not poller.poll(timeout * 1000):
+        raise ClientGone("client timed out")
+
+
+# --------------------------------------------------------------------------- WSGI pieces
+
+
+class Input(io.RawIOBase):
+    """wsgi.input: streams the request body straight from the connection."""
+
+    def __init__(self, conn: Connection, req: Request) -> None:
+        self._conn, self._req = conn, req
+        self._buf = b""
+        self._continue_sent = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        """Move more body into the buffer.  False at end of body."""
+        req = self._req
+        while not req.body:
+            if req.complete or self._conn.error is not None:
+                return False
+            if req.expect_continue and not self._continue_sent:
+                self._continue_sent = True
+                self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._conn.read_more()
+        chunk = req.body.popleft()
+        limit = self._conn.limits.body
+        if limit and req.received > limit:
+            self._conn.error = 413
+            raise BodyTooLarge(f"request body larger than {limit} bytes")
+        self._buf = self._buf + chunk if self._buf else chunk
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            data, self._buf = self._buf, b""
+            return data
+        while len(self._buf) < size and self._fill():
+            pass
+        data, self._buf = self._buf[:size], self._buf[size:]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        while True:
+            pos = self._buf.find(b"\n")
+            if pos >= 0 and (size is None or size < 0 or pos < size):
+                data, self._buf = self._buf[:pos + 1], self._buf[pos + 1:]
+                return data
+            if size is not None and 0 <= size <= len(self._buf):
+                data, self._buf = self._buf[:size], self._buf[size:]
+                return data
+            if not self._fill():
+                data, self._buf = self._buf, b""
+                return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:  # type: ignore[override]
+        lines, total = [], 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> Any:
+        return iter(self.readline, b"")
+
+    def exhausted(self) -> bool:
+        return self._req.complete and not self._req.body and not self._buf
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: lets the server send a file with sendfile()."""
+
+    def __init__(self, filelike: Any, blksize: int = 65536) -> None:
+        self.filelike, self.blksize = filelike, blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Any:
+        read = self.filelike.read
+        while True:
+            block = read(self.blksize)
+            if not block:
+                return
+            yield block
+
+
+class _HeaderCache(dict):
+    """b"content-type" -> "CONTENT_TYPE", b"x-foo" -> "HTTP_X_FOO", computed once per name."""
+
+    def __missing__(self, name: bytes) -> str:
+        key = name.decode("latin-1").upper().replace("-", "_")
+        value = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+        self[name] = value
+        return value
+
+
+class _DateCache:
+    __slots__ = ("second", "value")
+
+    def __init__(self) -> None:
+        self.second, self.value = 0, ""
+
+    def get(self) -> str:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        return self.value
+
+
+class _Response:
+    __slots__ = ("status", "headers", "sent", "chunked", "length", "written", "close", "head")
+
+    def __init__(self) -> None:
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.sent = False
+        self.chunked = False
+        self.length: int | None = None
+        self.written = 0
+        self.close = False
+        self.head = False
+
+
+class Handler:
+    """Runs a WSGI app for the requests of a connection.  One per worker; thread-safe
+    (per-request state lives in locals and `_Response`)."""
+
+    def __init__(self, app: Callable, server_name: str, server_port: str, url_scheme: str,
+                 multithread: bool, access_log: Callable[..., None] | None,
+                 log_error: Callable[..., None], is_draining: Callable[[], bool]) -> None:
+        self.app = app
+        self.access_log = access_log
+        self.log_error = log_error
+        self.is_draining = is_draining
+        self.requests = 0
+        self._names = _HeaderCache()
+        self._date = _DateCache()
+        self._base = {
+            "wsgi.version": (1, 0), "wsgi.url_scheme": url_scheme, "wsgi.errors": sys.stderr,
+            "wsgi.multithread": multithread, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper, "SCRIPT_NAME": "", "SERVER_NAME": server_name,
+            "SERVER_PORT": server_port, "SERVER_SOFTWARE": "supervise",
+        }
+
+    # ------------------------------------------------------------------ per connection
+    def serve(self, conn: Connection) -> bool:
+        """Answer every dispatchable request.  Returns False when the connection must close."""
+        try:
+            while True:
+                if conn.error is not None:
+                    self._error_response(conn, conn.error)
+                    return False
+                if not conn.dispatchable():
+                    return not conn.closing and not conn.eof
+                req = conn.requests[0]
+                keep = self._one(conn, req)
+                conn.requests.popleft()
+                conn.served += 1
+                if not keep:
+                    return False
+        except ClientGone:
+            return False
+
+    def _one(self, conn: Connection, req: Request) -> bool:
+        started = time.monotonic()
+        environ = self._environ(conn, req)
+        body = Input(conn, req)
+        environ["wsgi.input"] = body
+        resp = _Response()
+        resp.head = req.method == b"HEAD"
+        # Close after this response if the client asked, we are draining, the request had a
+        # body we cannot skip, or the parser saw an upgrade.
+        resp.close = not req.keep_alive or conn.closing or self.is_draining()
+        result: Iterable[bytes] | None = None
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
+            if exc_info is not None:
+                try:
+                    if resp.sent:
+                        raise exc_info[1].with_traceback(exc_info[2])
+                finally:
+                    exc_info = None
+            elif resp.status is not None:
+                raise AssertionError("start_response called a second time without exc_info")
+            if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
+                raise ValueError(f"invalid status {status!r}")
+            resp.status, resp.headers = status, headers
+            return write
+
+        def write(data: bytes) -> None:
+            if resp.status is None:
+                raise AssertionError("write() before start_response()")
+            self._write(conn, req, resp, data)
+
+        try:
+            try:
+                result = self.app(environ, start_response)
+                if isinstance(result, (list, tuple)) and len(result) <= 1 and not resp.sent:
+                    # The common case: the whole body at once, so we can send a Content-Length.
+                    self._finish(conn, req, resp, result[0] if result else b"")
+                elif not (isinstance(result, FileWrapper) and self._sendfile(conn, req, resp, result)):
+                    for chunk in result:
+                        if chunk:
+                            self._write(conn, req, resp, chunk)
+                    if not resp.sent:
+                        self._finish(conn, req, resp, b"")
+                    elif resp.chunked and not resp.head:
+                        conn.send(b"0\r\n\r\n")
+            finally:
+                if result is not None and hasattr(result, "close"):
+                    result.close()
+        except ClientGone:
+            raise
+        except BodyTooLarge:
+            if resp.sent:
+                raise ClientGone("body too large after response started") from None
+            self._error_response(conn, 413)
+            return False
+        except Exception:
+            self.log_error("app_exception", method=req.method.decode("latin-1"),
+                           path=environ.get("PATH_INFO"), traceback=traceback.format_exc())
+            if resp.sent:
+                raise ClientGone("app failed after the response started") from None
+            self._error_response(conn, 500)
+            return False
+        self.requests += 1
+        if self.access_log is not None:
+            self.access_log("request", method=req.method.decode("latin-1"), path=environ.get("PATH_INFO"),
+                            query=environ.get("QUERY_STRING"), status=int(resp.status[:3]),  # type: ignore[index]
+                            bytes=resp.written, duration=round(time.monotonic() - started, 6),
+                            remote=environ.get("REMOTE_ADDR"))
+        if not req.complete or not body.exhausted() and req.body:
+            return False  # unread body still on the wire: we cannot find the next request
+        return not resp.close
+
+    def _environ(self, conn: Connection, req: Request) -> dict[str, Any]:
+        environ = self._base.copy()
+        url = req.url
+        try:
+            parsed = httptools.parse_url(url)
+            raw_path = parsed.path or b"/"
+            query = parsed.query or b""
+        except httptools.HttpParserInvalidURLError:
+            raw_path, query = url, b""
+        if b"%" in raw_path:
+            from urllib.parse import unquote_to_bytes
+
+            raw_path = unquote_to_bytes(raw_path)
+        environ["REQUEST_METHOD"] = req.method.decode("latin-1")
+        environ["PATH_INFO"] = raw_path.decode("latin-1")
+        environ["QUERY_STRING"] = query.decode("latin-1")
+        environ["RAW_URI"] = environ["REQUEST_URI"] = url.decode("latin-1")
+        environ["SERVER_PROTOCOL"] = "HTTP/" + req.version
+        peer = conn.peer
+        if isinstance(peer, tuple):
+            environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = peer[0], str(peer[1])
+        else:
+            environ["REMOTE_ADDR"] = ""
+        names = self._names
+        for name, value in req.headers:
+            key = names[name]
+            text = value.decode("latin-1")
+            if key in environ and key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] += "," + text  # RFC 9110: repeated fields combine with commas
+            else:
+                environ[key] = text
+        return environ
+
+    # ------------------------------------------------------------------ responses
+    def _head_bytes(self, req: Request, resp: _Response, body_len: int | None) -> bytes:
+        status = resp.status
+        code = int(status[:3])  # type: ignore[index]
+        no_body = code < 200 or code in (204, 304)
+        lines = [f"HTTP/1.1 {status}\r\n"]
+        has_length = has_conn = has_date = False
+        for name, value in resp.headers:
+            lname = name.lower()
+            if lname == "content-length":
+                has_length = True
+                try:
+                    resp.length = int(value)
+                except ValueError:
+                    raise ValueError(f"invalid Content-Length {value!r}") from None
+            elif lname == "connection":
+                has_conn = True
+                if value.lower() == "close":
+                    resp.close = True
+            elif lname == "date":
+                has_date = True
+            elif lname == "transfer-encoding":
+                raise ValueError("the app must not set Transfer-Encoding (hop-by-hop)")
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise ValueError(f"header {name!r} contains a line break")
+            lines.append(f"{name}: {value}\r\n")
+        if not has_length and not no_body:
+            if body_len is not None:
+                lines.append(f"Content-Length: {body_len}\r\n")
+                resp.length = body_len
+            elif req.version == "1.1" and not resp.head:
+                lines.append("Transfer-Encoding: chunked\r\n")
+                resp.chunked = True
+            elif not resp.head:
+                resp.close = True  # HTTP/1.0 without a length: the end of the body is the close
+        if not has_date:
+            lines.append(f"Date: {self._date.get()}\r\n")
+        if not has_conn:
+            if resp.close:
+                lines.append("Connection: close\r\n")
+            elif req.version == "1.0":
+                lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
+
+    def _finish(self, conn: Connection, req: Request, resp: _Response, data: bytes) -> None:
+        if resp.status is None:
+            raise AssertionError("the app returned without calling start_response()")
+        self._write(conn, req, resp, data, final=True)
+
+    def _write(self, conn: Connection, req: Request, resp: _Response, data: bytes, final: bool = False) -> None:
+        if not resp.sent:
+            head = self._head_bytes(req, resp, len(data) if final else None)
+            resp.sent = True
+            if resp.head or not data:
+                conn.send(head)
+                return
+            if resp.chunked:
+                conn.send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")))
+            else:
+                conn.send(head + data)
+            resp.written += len(data)
+            return
+        if resp.head or not data:
+            return
+        if resp.chunked:
+            conn.send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+        else:
+            conn.send(data)
+        resp.written += len(data)
+
+    def _sendfile(self, conn: Connection, req: Request, resp: _Response, wrapper: FileWrapper) -> bool:
+        """Send a FileWrapper with os.sendfile when the file has a descriptor.  False: iterate."""
+        try:
+            fd = wrapper.filelike.fileno()
+            offset = wrapper.filelike.tell()
+            size = os.fstat(fd).st_size - offset
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return False
+        if resp.status is None:
+            return False
+        if not any(n.lower() == "content-length" for n, _ in resp.headers):
+            resp.headers = list(resp.headers) + [("Content-Length", str(size))]
+        conn.send(self._head_bytes(req, resp, None))
+        resp.sent = True
+        if resp.head:
+            return True
+        remaining = min(size, resp.length if resp.length is not None else size)
+        while remaining > 0:
+            try:
+                sent = os.sendfile(conn.fd, fd, offset, min(remaining, 1 << 20))
+            except BlockingIOError:
+                wait(conn.sock, select.POLLOUT, IO_TIMEOUT)
+                continue
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if sent == 0:
+                break
+            offset += sent
+            remaining -= sent
+            resp.written += sent
+        return True
+
+    def _error_response(self, conn: Connection, code: int) -> None:
+        reason = REASONS.get(code, "Error")
+        body = f"{code} {reason}\n".encode()
+        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nDate: {self._date.get()}\r\nConnection: close\r\n\r\n")
+        try:
+            conn.send(head.encode("latin-1") + body)
+        except ClientGone:
+            pass

@@ -1,0 +1,377 @@
+"""A worker process: imports the app, then serves HTTP on the inherited sockets.
+
+Life: forked by the master -> reset signals and fds -> import the app (a failure is
+reported as `boot_error` and the worker exits 3) -> report `ready` -> wait for the
+master's `accept` -> serve -> on SIGTERM (or the master's death) drain and exit 0.
+
+The worker never accepts before the master says so: that is how a whole new
+generation can boot while the old one keeps serving, and swap in only after the
+old one stopped accepting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NoReturn
+
+from supervisor import logs
+from supervisor.channel import Channel
+from supervisor.helpers import close_inherited_fds
+from supervisor.http import Connection, Handler, Limits
+
+HEARTBEAT_INTERVAL = 1.0
+DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
+LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
+EXIT_BOOT_FAILED = 3
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    target: str
+    chdir: str | None
+    generation: int
+    slot: int
+    env: Mapping[str, str]
+    threads: int
+    keepalive_timeout: float
+    limits: Limits
+    access_log: bool
+    log_level: str
+    log_format: str
+    master_pid: int
+
+
+def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> NoReturn:
+    """The whole life of a worker.  Never returns."""
+    code = 1
+    try:
+        code = _run(spec, listeners, chan_sock)
+    finally:
+        os._exit(code)
+
+
+def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
+    wake_r = _reset_process(spec, listeners, chan_sock)
+    logs.configure(spec.log_level, spec.log_format, role="worker", generation=spec.generation,
+                   worker=spec.slot)
+    log = logs.get()
+    chan = Channel(chan_sock)
+    app_or_error = load_app(spec)
+    if isinstance(app_or_error, str):
+        log.error("boot_failed", error=app_or_error.splitlines()[0], traceback=app_or_error)
+        chan.send(t="boot_error", error=app_or_error.splitlines()[0])
+        return EXIT_BOOT_FAILED
+    loop = WorkerLoop(spec, app_or_error, listeners, chan, wake_r, log)
+    chan.send(t="ready")
+    loop.run()
+    loop.beat()  # the final count, read by the master before it handles our exit
+    return 0
+
+
+def _reset_process(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
+    """Undo what the worker inherited from the master: signal dispositions, the wakeup fd,
+    and every descriptor but stdio, the listeners and its own channel."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
+                signal.SIGTTIN, signal.SIGTTOU, signal.SIGALRM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it: EPIPE instead of death
+    # A stray `pkill -HUP` or a Ctrl-C to the process group must not kill a worker: the master
+    # decides when workers go.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    close_inherited_fds({chan_sock.fileno(), *(s.fileno() for s in listeners)})
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGTERM, _wake_only)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _die_with_master(spec.master_pid)
+    os.environ.update(spec.env)
+    code_dir = os.path.realpath(spec.chdir) if spec.chdir else os.getcwd()
+    if spec.chdir:
+        os.chdir(code_dir)
+    sys.path.insert(0, code_dir)
+    return wake_r
+
+
+def _wake_only(signum: int, frame: Any) -> None:
+    """Signal handlers only wake the loop (through the wakeup fd); the loop does the work."""
+
+
+def _die_with_master(master_pid: int) -> None:
+    """If the master dies, get SIGTERM (drain and exit) instead of serving on as an orphan."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != master_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def load_app(spec: WorkerSpec) -> Callable | str:
+    """Import the WSGI callable.  Returns it, or the error text (first line, then traceback)."""
+    module_name, _, attr = spec.target.partition(":")
+    attr = attr or "application"
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return f"AttributeError: module {module_name!r} has no attribute {attr!r}"
+    except BaseException as exc:  # noqa: BLE001 - any import failure is a boot failure
+        first = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SyntaxError):
+            first = f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+        return first + "\n" + traceback.format_exc()
+    if not callable(obj):
+        return f"TypeError: {spec.target} is not callable"
+    return obj
+
+
+class WorkerLoop:
+    """The worker's event loop: epoll over the listeners, the client connections, the
+    master channel and the signal wakeup pipe."""
+
+    def __init__(self, spec: WorkerSpec, app: Callable, listeners: list[socket.socket], chan: Channel,
+                 wake_r: int, log: Any) -> None:
+        self.spec = spec
+        self.listeners = listeners
+        self.chan = chan
+        self.wake_r = wake_r
+        self.log = log
+        self.ep = select.epoll()
+        self.conns: dict[int, Connection] = {}
+        self.owned: set[int] = set()  # connections being served by a pool thread
+        self.lingering: dict[int, float] = {}  # fd -> close deadline
+        self.accepting = False
+        self.draining = False
+        self.accept_enabled = False  # the master said `accept`
+        self.requests_at_drain: int | None = None
+        first = listeners[0].getsockname() if listeners else ("", 0)
+        is_inet = isinstance(first, tuple)
+        self.handler = Handler(
+            app, server_name=str(first[0]) if is_inet else "localhost",
+            server_port=str(first[1]) if is_inet else "", url_scheme="http",
+            multithread=spec.threads > 1, access_log=log.info if spec.access_log else None,
+            log_error=log.error, is_draining=lambda: self.draining)
+        self.pool: ThreadPoolExecutor | None = None
+        self.done: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
+        self.done_r = self.done_w = -1
+        if spec.threads > 1:
+            self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="app")
+            self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.ep.register(self.done_r, select.EPOLLIN)
+        self.ep.register(wake_r, select.EPOLLIN)
+        self.chan.sock.setblocking(False)
+        self.ep.register(chan.fileno(), select.EPOLLIN)
+        self.listener_fds = {s.fileno(): s for s in listeners}
+        for s in listeners:
+            s.setblocking(False)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        while not (self.draining and not self.conns and not self.owned):
+            now = time.monotonic()
+            timeout = max(0.0, min(next_beat, self._next_timeout(now)) - now)
+            for fd, mask in self.ep.poll(timeout):
+                if fd in self.conns:
+                    self._on_readable(self.conns[fd])
+                elif fd in self.listener_fds:
+                    self._accept(self.listener_fds[fd])
+                elif fd == self.wake_r:
+                    self._on_signals()
+                elif fd == self.chan.fileno():
+                    self._on_master()
+                elif fd == self.done_r:
+                    self._on_done()
+            now = time.monotonic()
+            if now >= next_beat:
+                self.beat()
+                next_beat = now + HEARTBEAT_INTERVAL
+            self._expire(now)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def beat(self) -> None:
+        """Heartbeat: proves the loop turns, and reports requests served (and since draining)."""
+        served = self.handler.requests
+        drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
+        self.chan.sock.setblocking(True)
+        self.chan.send(t="hb", r=served, d=drained)
+        self.chan.sock.setblocking(False)
+
+    def _next_timeout(self, now: float) -> float:
+        idle_limit = DRAIN_IDLE if self.draining else self.spec.keepalive_timeout
+        deadlines = [c.last_active + idle_limit for fd, c in self.conns.items()
+                     if fd not in self.owned and fd not in self.lingering]
+        deadlines += self.lingering.values()
+        return min(deadlines) if deadlines else now + 3600
+
+    def _expire(self, now: float) -> None:
+        """Close idle keep-alive connections past their timeout, and finished lingerers."""
+        idle_limit = DRAIN_IDLE if self.draining else self.spec.keepalive_timeout
+        for fd, conn in list(self.conns.items()):
+            if fd in self.owned:
+                continue
+            if fd in self.lingering:
+                if now >= self.lingering[fd]:
+                    self._close(conn)
+            elif now - conn.last_active >= idle_limit:
+                self._linger(conn, now)
+
+    # ------------------------------------------------------------------ events
+    def _on_signals(self) -> None:
+        try:
+            signums = os.read(self.wake_r, 512)
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in signums:
+            self._begin_drain("SIGTERM")
+
+    def _on_master(self) -> None:
+        for message in self.chan.receive():
+            if message.get("cmd") == "accept" and not self.draining:
+                self.accept_enabled = True
+                self._set_accepting(True)
+        if self.chan.closed:
+            self.ep.unregister(self.chan.fileno())
+            self._begin_drain("master gone")
+
+    def _begin_drain(self, why: str) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.requests_at_drain = self.handler.requests
+        self._set_accepting(False)
+        for sock in self.listeners:
+            sock.close()  # our copy only: the master and the new generation keep the socket open
+        self.listener_fds.clear()
+        self.log.info("worker_draining", why=why, connections=len(self.conns), busy=len(self.owned))
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self.accepting or (on and self.draining):
+            return
+        self.accepting = on
+        for fd in self.listener_fds:
+            if on:
+                # EPOLLEXCLUSIVE: wake one worker per new connection, not all of them.
+                self.ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            else:
+                self.ep.unregister(fd)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        try:
+            sock, peer = lsock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE and friends: back off by not accepting for a moment
+            self.log.warning("accept_failed", error=str(exc))
+            return
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, peer, self.spec.limits, time.monotonic())
+        self.conns[conn.fd] = conn
+        self.ep.register(conn.fd, select.EPOLLIN)
+        self._on_readable(conn)  # the request is usually there already
+
+    def _on_readable(self, conn: Connection) -> None:
+        fd = conn.fd
+        if fd in self.lingering:
+            self._drain_lingering(conn)
+            return
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.last_active = time.monotonic()
+        conn.feed(data)
+        if conn.error is None and not conn.dispatchable():
+            return
+        if self.pool is None:
+            self._served(conn, self.handler.serve(conn))
+        else:
+            self.ep.unregister(fd)
+            self.owned.add(fd)
+            if len(self.owned) >= self.spec.threads:
+                self._set_accepting(False)  # saturated: let other workers take new connections
+            self.pool.submit(self._serve_in_thread, conn)
+
+    def _serve_in_thread(self, conn: Connection) -> None:
+        keep = False
+        try:
+            keep = self.handler.serve(conn)
+        finally:
+            self.done.put((conn, keep))
+            os.write(self.done_w, b".")
+
+    def _on_done(self) -> None:
+        try:
+            os.read(self.done_r, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                conn, keep = self.done.get_nowait()
+            except queue.Empty:
+                break
+            self.owned.discard(conn.fd)
+            self.ep.register(conn.fd, select.EPOLLIN)
+            self._served(conn, keep)
+        if self.accept_enabled and len(self.owned) < self.spec.threads:
+            self._set_accepting(True)
+
+    def _served(self, conn: Connection, keep: bool) -> None:
+        conn.last_active = time.monotonic()
+        if not keep:
+            self._linger(conn, conn.last_active)
+
+    # ------------------------------------------------------------------ closing
+    def _linger(self, conn: Connection, now: float) -> None:
+        """Server-side close: send FIN, then keep reading (and discarding) until the client
+        closes too or LINGER passes.  Closing with unread data would send a RST, which can
+        destroy a response the client has not read yet."""
+        if conn.fd in self.lingering:
+            return
+        if conn.eof:
+            self._close(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        self.lingering[conn.fd] = now + LINGER
+
+    def _drain_lingering(self, conn: Connection) -> None:
+        try:
+            while conn.sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(conn)  # EOF: the client closed its side
+
+    def _close(self, conn: Connection) -> None:
+        self.conns.pop(conn.fd, None)
+        self.lingering.pop(conn.fd, None)
+        conn.sock.close()  # closing the fd also removes it from the epoll set
