@@ -126,7 +126,7 @@ class Master:
         if self.debouncer is not None:
             batch = self.debouncer.take(now)
             if batch is not None:
-                self.log.info("code_changed", paths=list(batch.paths), count=batch.count)
+                self.log.info("code_changed", paths=list(batch.paths_sample), count=batch.count)
                 self.pool.reload(now, "code change", self.env, supersede=False)
         if self.config.max_rss and now >= self.next_rss:
             self.next_rss = now + RSS_INTERVAL
@@ -316,10 +316,14 @@ class Master:
         if event == "changed" and self.debouncer is not None:
             self.debouncer.add(now, message.get("paths", []))
         elif event == "watching":
-            self.log.info("watching", mode=message.get("mode"), paths=message.get("paths"),
-                          reason=message.get("reason"))
+            fallback = message.get("mode") == "polling" and message.get("reason") != "--watch-poll"
+            getattr(self.log, "warning" if fallback else "info")(
+                "watching", mode=message.get("mode"), paths=message.get("paths"),
+                touch_files=message.get("touch_files"), reason=message.get("reason"))
         elif event == "retarget":
             self.log.info("code_retargeted", path=message.get("path"), target=message.get("target"))
+        elif event in ("warning", "error"):
+            self.log.warning("watcher_" + str(event), message=message.get("message"))
 
     def _on_consul(self, message: dict[str, Any]) -> None:
         now = time.monotonic()

@@ -1,0 +1,677 @@
+"""Code watcher: a helper process that reports file changes to the master.
+
+The master is single-threaded and forks workers, so the watchdog Observer (which
+runs threads) lives in a helper process forked from the master.  `helper_main`
+is that process's body; `spawn_helper` forks it.  The helper talks to the master
+over a connected AF_UNIX stream socket, one JSON object per line
+(`encode_message` / `MessageReader`).  Helper -> master:
+
+    {"event": "watching", "mode": "inotify"|"polling", "paths": [...],
+     "touch_files": [...], "reason": str|null}
+        the observer (re)started; `paths` are the real directories watched,
+        `reason` says why polling is used (null with inotify)
+    {"event": "changed", "paths": [...]}
+        files that passed the include/exclude filters (events arriving within
+        BATCH_WINDOW are sent as one message; the master debounces)
+    {"event": "retarget", "path": P, "target": T}
+        watched path P now resolves to T (a re-pointed symlink, or a path
+        that appeared); the watch moved there and a `changed` follows
+    {"event": "warning", "message": str}
+        something the master should log (watchdog warnings, a missing path)
+    {"event": "error", "message": str}
+        the helper is about to die of an unexpected exception
+
+The master sends nothing; the helper exits when the socket reaches EOF.
+The master debounces `changed` messages with the pure `Debouncer`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import stat
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, NamedTuple
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+from watchdog.observers.polling import PollingObserverVFS
+
+try:  # watchdog >= 7: one inotify instance per observer, which we can wrap
+    from watchdog.observers.inotify_c import InotifyFD
+except ImportError:  # pragma: no cover - older watchdog: limits hit below the root go unnoticed
+    InotifyFD = None  # type: ignore[assignment,misc]
+
+CHECK_INTERVAL = 0.5  # seconds between symlink-target and touch-file checks
+BATCH_WINDOW = 0.05  # seconds the helper gathers events into one `changed` message
+SAMPLE_SIZE = 10  # paths kept in Batch.paths_sample
+
+# Event types that mean "content changed".  Opened / closed-no-write are left
+# out so that workers importing modules do not wake the helper.  Directory
+# types are listed only so that watchdog keeps watching new subdirectories and
+# reports moves of whole trees as per-file moves; directory events themselves
+# never trigger.
+_EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent, FileAttribEvent,
+    DirCreatedEvent, DirDeletedEvent, DirMovedEvent,
+]
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """What the helper watches.  Paths are absolute and not resolved (a symlink
+    stays a symlink so that re-pointing it is noticed)."""
+
+    paths: tuple[str, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    poll: bool = False
+    poll_interval: float = 1.0
+    touch_files: tuple[str, ...] = ()
+    # TEST ONLY: make the inotify start fail with ENOSPC to exercise the polling
+    # fallback.  Never set from configuration.
+    test_fail_inotify: bool = False
+
+    def __post_init__(self) -> None:
+        if self.poll_interval <= 0:
+            raise ValueError("poll_interval must be greater than zero")
+
+
+def spec_from_config(config: Any) -> WatchSpec | None:
+    """Build the spec from a `Config`; None when there is nothing to watch.
+
+    Watched paths are --watch, else --chdir; none with --no-watch (touch files
+    still count).  Relative paths are made absolute against the current
+    directory, so call this in the master before anything changes directory.
+    """
+    touch = _absolute(config.touch_reload or ())
+    paths: tuple[str, ...] = ()
+    if not config.no_watch:
+        paths = _absolute(config.watch or ((config.chdir,) if config.chdir else ()))
+    if not paths and not touch:
+        return None
+    return WatchSpec(
+        paths=paths,
+        include=tuple(config.watch_include or ()),
+        exclude=tuple(config.watch_exclude or ()),
+        poll=bool(config.watch_poll),
+        poll_interval=float(config.watch_poll_interval or 1.0),
+        touch_files=touch,
+    )
+
+
+def _absolute(paths: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(os.path.abspath(p) for p in paths))
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def path_matches(path: str, root: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """Whether a change to `path` (a file under directory `root`) should trigger a reload.
+
+    A pattern ending in "/" names a directory at any depth below root
+    (".git/", "__pycache__/"); a pattern containing another "/" is matched
+    against the path relative to root; any other pattern is matched against
+    the basename.  Exclude wins over include; an empty include list includes
+    everything.  Paths outside root never match.
+    """
+    rel = os.path.relpath(path, root)
+    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return False
+    parts = rel.split(os.sep)
+    if any(_pattern_hits(p, parts) for p in exclude):
+        return False
+    include = tuple(include)
+    return not include or any(_pattern_hits(p, parts) for p in include)
+
+
+def _pattern_hits(pattern: str, parts: list[str]) -> bool:
+    if pattern.endswith("/"):
+        name = pattern.rstrip("/")
+        return any(fnmatchcase(d, name) for d in parts[:-1])
+    if "/" in pattern:
+        return fnmatchcase("/".join(parts), pattern)
+    return fnmatchcase(parts[-1], pattern)
+
+
+def excluded_dir_name(name: str, exclude: Iterable[str]) -> bool:
+    """Whether a directory called `name` is excluded by a trailing-/ pattern."""
+    return any(p.endswith("/") and fnmatchcase(name, p.rstrip("/")) for p in exclude)
+
+
+# --------------------------------------------------------------------------- debounce
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One burst of changes: the first few paths and how many distinct paths changed."""
+
+    paths_sample: tuple[str, ...]
+    count: int
+
+
+class Debouncer:
+    """Turns a burst of changes into one reload.  Pure: the caller passes the time.
+
+    The burst is over `debounce` seconds after its last change.  With
+    `max_wait`, a burst that never goes quiet is cut `max_wait` seconds after
+    its first change (None: wait for quiet however long it takes).
+    """
+
+    def __init__(self, debounce: float, max_wait: float | None = None, sample_size: int = SAMPLE_SIZE) -> None:
+        self._debounce = debounce
+        self._max_wait = max_wait
+        self._sample_size = sample_size
+        self._first: float | None = None
+        self._last: float | None = None
+        self._paths: dict[str, None] = {}
+
+    def add(self, now: float, paths: Iterable[str]) -> None:
+        """Record a change at `now` (an empty `paths` still counts as activity)."""
+        if self._first is None:
+            self._first = now
+        self._last = now if self._last is None else max(self._last, now)
+        self._paths.update(dict.fromkeys(paths))
+
+    def deadline(self) -> float | None:
+        """When the current burst will be over, or None when nothing is pending."""
+        if self._first is None or self._last is None:
+            return None
+        quiet = self._last + self._debounce
+        return quiet if self._max_wait is None else min(quiet, self._first + self._max_wait)
+
+    def take(self, now: float) -> Batch | None:
+        """The finished burst (and forget it), or None while it is still going on."""
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return None
+        batch = Batch(tuple(list(self._paths)[: self._sample_size]), len(self._paths))
+        self._first = self._last = None
+        self._paths = {}
+        return batch
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+class MessageReader:
+    """Splits what recv() returned into messages.  Pure; keeps partial lines.
+
+    Lines that are not a JSON object are dropped and counted in `invalid`.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.invalid = 0
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        messages = []
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                message = None
+            if isinstance(message, dict):
+                messages.append(message)
+            elif line.strip():
+                self.invalid += 1
+        return messages
+
+
+# --------------------------------------------------------------------------- helper process
+
+
+def spawn_helper(spec: WatchSpec) -> tuple[int, socket.socket]:
+    """Fork the helper; return its pid and the master's end of the socket.
+
+    The child closes every inherited descriptor except 0-2 and its socket, so
+    it holds no listening socket or worker pipe of the master.  The master's
+    end is close-on-exec but is inherited by forked workers: they must close it,
+    or the helper will not see EOF when the master dies.
+    """
+    master_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        os._exit(_helper_child(helper_end, spec))
+    helper_end.close()
+    return pid, master_end
+
+
+def _helper_child(sock: socket.socket, spec: WatchSpec) -> int:
+    try:
+        _reset_signals()
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, _max_fd())
+        helper_main(sock, spec)
+        return 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 65536
+
+
+class _Target(NamedTuple):
+    """What a watched path resolves to.  A changed value means: watch again."""
+
+    real: str
+    dev: int
+    ino: int  # 0 for a file: editors replace files, only the name matters
+    is_dir: bool
+
+
+def _resolve(path: str) -> _Target | None:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    is_dir = stat.S_ISDIR(st.st_mode)
+    return _Target(real, st.st_dev, st.st_ino if is_dir else 0, is_dir)
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+# An inbox item: ("paths", [str]), ("check", None), ("warning", str) or ("eof", None).
+_Item = tuple[str, Any]
+
+
+class _ChangeHandler(FileSystemEventHandler):
+    """Runs on the observer thread: filters events of one root into the inbox."""
+
+    def __init__(self, target: _Target, spec: WatchSpec, inbox: queue.Queue[_Item]) -> None:
+        self._target = target
+        self._spec = spec
+        self._inbox = inbox
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        candidates = [os.fsdecode(p) for p in (event.src_path, event.dest_path) if p]
+        hits = [p for p in candidates if self._accepts(p)]
+        if hits:
+            self._inbox.put(("paths", hits))
+
+    def _accepts(self, path: str) -> bool:
+        if not self._target.is_dir:
+            return path == self._target.real
+        return path_matches(path, self._target.real, self._spec.include, self._spec.exclude)
+
+
+class _LinkHandler(FileSystemEventHandler):
+    """Watches a symlink's directory: a re-pointed link triggers an immediate check."""
+
+    def __init__(self, link: str, inbox: queue.Queue[_Item]) -> None:
+        self._link = link
+        self._inbox = inbox
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        if self._link in (os.fsdecode(event.src_path), os.fsdecode(event.dest_path)):
+            self._inbox.put(("check", None))
+
+
+class _WarningForwarder(logging.Handler):
+    """Forwards watchdog's warnings to the master.  A lost-events overflow counts as a change."""
+
+    def __init__(self, inbox: queue.Queue[_Item], roots: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self._inbox = inbox
+        self.roots = roots
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        self._inbox.put(("warning", f"watchdog: {message}"))
+        if "overflow" in message.lower() and self.roots:
+            self._inbox.put(("paths", list(self.roots)))
+
+
+_LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE, errno.ENOMEM)
+
+
+def _new_inotify_observer() -> BaseObserver:
+    return _RecordingInotifyObserver() if InotifyFD is not None else InotifyObserver()
+
+
+if InotifyFD is not None:
+
+    class _RecordingInotifyFD(InotifyFD):
+        """Remembers a watch-limit error.  watchdog swallows errors on subdirectories
+        (at start and when a new directory appears), which would leave part of
+        the tree silently unwatched."""
+
+        limit_error: OSError | None = None
+
+        def add_callback(self, path: bytes, mask: Any, callback: Any, id_: Any) -> Any:
+            try:
+                return super().add_callback(path, mask, callback, id_)
+            except OSError as exc:
+                if exc.errno in _LIMIT_ERRNOS and self.limit_error is None:
+                    self.limit_error = exc
+                raise
+
+    class _RecordingInotifyObserver(BaseObserver):
+        """watchdog's InotifyObserver with a _RecordingInotifyFD."""
+
+        def __init__(self) -> None:
+            self.inotify_fd = _RecordingInotifyFD()
+            self.inotify_fd.start()
+            super().__init__(InotifyEmitter, inotify_fd=self.inotify_fd)
+
+        def on_thread_stop(self) -> None:
+            super().on_thread_stop()
+            self.inotify_fd.stop()
+            self.inotify_fd.join()
+
+
+def _limit_error(observer: BaseObserver | None) -> OSError | None:
+    """The watch-limit error an inotify observer hit, if any (start or later)."""
+    fd = getattr(observer, "inotify_fd", None)
+    return getattr(fd, "limit_error", None)
+
+
+class _Helper:
+    """The helper's state, used only by its main thread."""
+
+    def __init__(self, sock: socket.socket, spec: WatchSpec, inbox: queue.Queue[_Item]) -> None:
+        self._sock = sock
+        self._spec = spec
+        self._inbox = inbox
+        self._observer: BaseObserver | None = None
+        self._poll_reason: str | None = "--watch-poll" if spec.poll else None
+        self._targets: dict[str, _Target | None] = {}
+        self._mtimes: dict[str, int | None] = {}
+        self._forwarder = _WarningForwarder(inbox, [])
+        self._pending: dict[str, None] = {}  # paths gathered for the next `changed`
+        self._flush_at: float | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        watchdog_logger = logging.getLogger("watchdog")
+        watchdog_logger.propagate = False  # only to the master, not to inherited handlers
+        watchdog_logger.addHandler(self._forwarder)
+        self._mtimes = {f: _mtime(f) for f in self._spec.touch_files}
+        self._targets = {p: _resolve(p) for p in self._spec.paths}
+        self._restart()
+
+    def close(self) -> None:
+        logging.getLogger("watchdog").removeHandler(self._forwarder)
+        self._stop_observer()
+
+    def run(self) -> None:
+        """Main loop: gather events into `changed` messages, check links and touch files."""
+        next_check = time.monotonic() + CHECK_INTERVAL
+        while True:
+            wake = next_check if self._flush_at is None else min(next_check, self._flush_at)
+            kind, payload = _get(self._inbox, wake - time.monotonic())
+            if kind == "eof":
+                return
+            if kind == "check":
+                next_check = time.monotonic()
+            self._receive(kind, payload)
+            if self._flush_at is not None and time.monotonic() >= self._flush_at:
+                self._send_changed(list(self._pending))
+                self._pending, self._flush_at = {}, None
+            if time.monotonic() >= next_check:
+                self._check()
+                next_check = time.monotonic() + CHECK_INTERVAL
+
+    def _receive(self, kind: str, payload: Any) -> None:
+        if kind == "paths":
+            self._pending.update(dict.fromkeys(payload))
+            if self._flush_at is None:
+                self._flush_at = time.monotonic() + BATCH_WINDOW
+        elif kind == "warning":
+            self._send({"event": "warning", "message": payload})
+
+    # ---------------------------------------------------------------- periodic checks
+
+    def _check(self) -> None:
+        self._check_inotify_limit()
+        self._check_targets()
+        self._check_touch_files()
+
+    def _check_inotify_limit(self) -> None:
+        """A new directory could not be watched: switch to polling, and reload once,
+        since what was written there meanwhile is unknown."""
+        error = _limit_error(self._observer)
+        if error is not None and self._poll_reason is None:
+            self._poll_reason = f"inotify unavailable ({error}); polling every {self._spec.poll_interval:g}s"
+            self._restart()
+            self._send_changed([p for p, t in self._targets.items() if t is not None])
+
+    def _check_targets(self) -> None:
+        current = {p: _resolve(p) for p in self._spec.paths}
+        if current == self._targets:
+            return
+        moved = [p for p in self._spec.paths if current[p] != self._targets.get(p)]
+        for path in moved:
+            old, new = self._targets.get(path), current[path]
+            if new is not None and (old is None or old.real != new.real):
+                self._send({"event": "retarget", "path": path, "target": new.real})
+        self._targets = current
+        self._restart()
+        self._send_changed(moved)
+
+    def _check_touch_files(self) -> None:
+        touched = []
+        for path in self._spec.touch_files:
+            mtime = _mtime(path)
+            if mtime is not None and mtime != self._mtimes.get(path):
+                touched.append(path)
+            self._mtimes[path] = mtime
+        if touched:
+            self._send_changed(touched)
+
+    # ---------------------------------------------------------------- observer
+
+    def _restart(self) -> None:
+        self._stop_observer()
+        targets = [t for t in self._targets.values() if t is not None]
+        self._forwarder.roots = [t.real for t in targets]
+        for path, target in self._targets.items():
+            if target is None:
+                self._send({"event": "warning", "message": f"watched path does not exist: {path}"})
+        if not self._spec.paths:
+            self._send_watching("polling", "only touch files", targets)
+            return
+        if self._poll_reason is None and self._start_inotify(targets):
+            self._send_watching("inotify", None, targets)
+            return
+        if self._poll_reason is not None and self._start_polling(targets):
+            self._send_watching("polling", self._poll_reason, targets)
+
+    def _start_inotify(self, targets: list[_Target]) -> bool:
+        """Start inotify; on failure set the polling reason, or warn when a path vanished."""
+        try:
+            if self._spec.test_fail_inotify:
+                raise OSError(errno.ENOSPC, "inotify watch limit reached (forced by test_fail_inotify)")
+            self._observer = self._launch(_new_inotify_observer(), targets, link_watches=True)
+            error = _limit_error(self._observer)
+            if error is not None:
+                raise error
+            return True
+        except OSError as exc:
+            self._stop_observer()
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # raced with a deploy: next check retries
+                self._send({"event": "warning", "message": f"watched path vanished while starting: {exc}"})
+                return False
+            self._poll_reason = f"inotify unavailable ({exc}); polling every {self._spec.poll_interval:g}s"
+            return False
+
+    def _start_polling(self, targets: list[_Target]) -> bool:
+        exclude = self._spec.exclude
+
+        def listdir(path: str | None) -> list[os.DirEntry[str]]:
+            with os.scandir(path) as entries:
+                return [e for e in entries if not (e.is_dir(follow_symlinks=False)
+                                                   and excluded_dir_name(e.name, exclude))]
+
+        observer = PollingObserverVFS(os.lstat, listdir, polling_interval=self._spec.poll_interval)  # type: ignore[arg-type]
+        try:
+            self._observer = self._launch(observer, targets, link_watches=False)
+            return True
+        except OSError as exc:
+            self._send({"event": "warning", "message": f"cannot watch by polling: {exc}"})
+            return False
+
+    def _launch(self, observer: BaseObserver, targets: list[_Target], link_watches: bool) -> BaseObserver:
+        try:
+            for target in targets:
+                handler = _ChangeHandler(target, self._spec, self._inbox)
+                where = target.real if target.is_dir else os.path.dirname(target.real)
+                observer.schedule(handler, where, recursive=target.is_dir, event_filter=_EVENT_FILTER)
+            if link_watches:
+                self._schedule_link_watches(observer)
+            observer.start()
+        except BaseException:
+            _stop(observer)
+            raise
+        return observer
+
+    def _schedule_link_watches(self, observer: BaseObserver) -> None:
+        for path in self._spec.paths:
+            parent = os.path.dirname(path)
+            if os.path.islink(path) and os.path.isdir(parent):
+                observer.schedule(_LinkHandler(path, self._inbox), parent, recursive=False,
+                                  event_filter=_EVENT_FILTER)
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            _stop(self._observer)
+            self._observer = None
+
+    # ---------------------------------------------------------------- messages
+
+    def _send_watching(self, mode: str, reason: str | None, targets: list[_Target]) -> None:
+        self._send({"event": "watching", "mode": mode, "paths": [t.real for t in targets],
+                    "touch_files": list(self._spec.touch_files), "reason": reason})
+
+    def _send_changed(self, paths: list[str]) -> None:
+        if paths:
+            self._send({"event": "changed", "paths": paths})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._sock.sendall(encode_message(message))
+
+
+def _stop(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=2.0)
+    except Exception:  # stopping is best effort: the helper may be about to exit
+        pass
+
+
+def _get(inbox: queue.Queue[_Item], timeout: float) -> _Item:
+    try:
+        return inbox.get(timeout=max(0.0, timeout))
+    except queue.Empty:
+        return ("idle", None)
+
+
+def _watch_eof(sock: socket.socket, inbox: queue.Queue[_Item]) -> threading.Thread:
+    """A thread that reads (and ignores) the socket and reports its end."""
+
+    def run() -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        inbox.put(("eof", None))
+
+    thread = threading.Thread(target=run, name="watch-eof", daemon=True)
+    thread.start()
+    return thread
+
+
+def _reset_signals() -> None:
+    """Drop the master's signal setup: the helper dies on SIGTERM and leaves
+    SIGINT/SIGHUP/SIGQUIT to the master, which ends it by closing the socket."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread
+        return
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def helper_main(sock: socket.socket, spec: WatchSpec) -> None:
+    """Body of the helper process: watch, report on `sock`, return at EOF.
+
+    Call it in a freshly forked child and `os._exit` when it returns.  It runs
+    threads (the observer's) and never forks.
+    """
+    _reset_signals()
+    sock.setblocking(True)
+    inbox: queue.Queue[_Item] = queue.Queue()
+    _watch_eof(sock, inbox)
+    helper = _Helper(sock, spec, inbox)
+    try:
+        helper.start()
+        helper.run()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the master is gone
+    except Exception as exc:
+        _last_words(sock, exc)
+        raise
+    finally:
+        helper.close()
+
+
+def _last_words(sock: socket.socket, exc: Exception) -> None:
+    try:
+        sock.sendall(encode_message({"event": "error", "message": f"{type(exc).__name__}: {exc}"}))
+    except OSError:
+        pass
