@@ -56,7 +56,8 @@ class Master:
             workers=config.workers, boot_timeout=config.boot_timeout,
             graceful_timeout=config.graceful_timeout, worker_timeout=config.worker_timeout,
             rolling=config.reload_strategy == "rolling", max_requests=config.max_requests,
-            max_requests_jitter=config.max_requests_jitter))
+            max_requests_jitter=config.max_requests_jitter,
+            retire_early=os.environ.get("SUPERVISE_TEST_RETIRE_EARLY") == "1"))
         self.sel = selectors.DefaultSelector()
         self.chans: dict[int, Channel] = {}  # worker pid -> channel
         self.stopping: Stopping | None = None

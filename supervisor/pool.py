@@ -135,6 +135,9 @@ class Limits:
     rolling: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
+    # Test-only negative control: retire the old generation when a reload starts, as gunicorn
+    # does, so tests can prove they notice the failures that causes.  Never set in production.
+    retire_early: bool = False
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,11 @@ class Pool:
         self._emit(Notify("reload_started", {"generation": gen.number, "reason": gen.reason,
                                              "strategy": "rolling" if gen.rolling else "generation",
                                              "waited": round(now - pending.requested_at, 3)}))
+        if self.limits.retire_early:
+            for slot in self.slots:
+                if slot.serving is not None:
+                    self._drain(now, self.workers[slot.serving])
+                    slot.serving = None
         if not gen.rolling:  # rolling spawns one at a time in _roll_next
             for slot in self.slots:
                 self._emit(Spawn(gen.number, slot.index))

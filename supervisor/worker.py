@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.machinery
 import os
 import queue
 import select
@@ -102,6 +103,7 @@ def _reset_process(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: 
     if spec.chdir:
         os.chdir(code_dir)
     sys.path.insert(0, code_dir)
+    _use_precise_bytecode_cache(code_dir)
     return wake_r
 
 
@@ -118,6 +120,35 @@ def _die_with_master(master_pid: int) -> None:
         pass
     if os.getppid() != master_pid:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _PreciseMtimeLoader(importlib.machinery.SourceFileLoader):
+    """CPython validates a cached .pyc by the source's mtime in whole seconds and its size.
+    A same-size edit within the same second (a one-character fix deployed right after the
+    previous one) would then import the stale bytecode and serve the old code.  For the
+    code directory we key the cache on the microsecond mtime instead."""
+
+    def path_stats(self, path: str) -> dict[str, int]:
+        st = os.stat(path)
+        return {"mtime": (st.st_mtime_ns // 1000) & 0xFFFFFFFF, "size": st.st_size}
+
+
+def _use_precise_bytecode_cache(code_dir: str) -> None:
+    machinery = importlib.machinery
+    finder_hook = machinery.FileFinder.path_hook(
+        (machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
+        (_PreciseMtimeLoader, machinery.SOURCE_SUFFIXES),
+        (machinery.SourcelessFileLoader, machinery.BYTECODE_SUFFIXES))
+    prefix = code_dir.rstrip(os.sep) + os.sep
+
+    def hook(path: str) -> Any:
+        real = os.path.realpath(path or ".")
+        if real != code_dir and not real.startswith(prefix):
+            raise ImportError("not in the code directory")  # let the default finder handle it
+        return finder_hook(path)
+
+    sys.path_hooks.insert(0, hook)
+    sys.path_importer_cache.clear()
 
 
 def load_app(spec: WorkerSpec) -> Callable | str:
@@ -186,7 +217,8 @@ class WorkerLoop:
         while not (self.draining and not self.conns and not self.owned):
             now = time.monotonic()
             timeout = max(0.0, min(next_beat, self._next_timeout(now)) - now)
-            for fd, mask in self.ep.poll(timeout):
+            events = self.ep.poll(timeout)
+            for fd, mask in events:
                 if fd in self.conns:
                     self._on_readable(self.conns[fd])
                 elif fd in self.listener_fds:
@@ -233,13 +265,15 @@ class WorkerLoop:
                 self._linger(conn, now)
 
     # ------------------------------------------------------------------ events
-    def _on_signals(self) -> None:
+    def _on_signals(self, in_flight: int = 0) -> None:
+        """Handle signals that woke us.  `in_flight`: requests just served inline, during which
+        the signal may have arrived; they count as finished while draining."""
         try:
             signums = os.read(self.wake_r, 512)
         except BlockingIOError:
             return
         if signal.SIGTERM in signums:
-            self._begin_drain("SIGTERM")
+            self._begin_drain("SIGTERM", in_flight)
 
     def _on_master(self) -> None:
         for message in self.chan.receive():
@@ -250,11 +284,11 @@ class WorkerLoop:
             self.ep.unregister(self.chan.fileno())
             self._begin_drain("master gone")
 
-    def _begin_drain(self, why: str) -> None:
+    def _begin_drain(self, why: str, in_flight: int = 0) -> None:
         if self.draining:
             return
         self.draining = True
-        self.requests_at_drain = self.handler.requests
+        self.requests_at_drain = self.handler.requests - in_flight
         self._set_accepting(False)
         for sock in self.listeners:
             sock.close()  # our copy only: the master and the new generation keep the socket open
@@ -273,6 +307,13 @@ class WorkerLoop:
                 self.ep.unregister(fd)
 
     def _accept(self, lsock: socket.socket) -> None:
+        # epoll_wait returns ready events in preference to EINTR, so a SIGTERM sent while we
+        # slept can arrive *with* this listener event: its byte lands in the wakeup pipe only
+        # as epoll returns.  Look once more, so a draining worker never takes a connection the
+        # new generation should get.
+        self._on_signals()
+        if self.draining:
+            return
         try:
             sock, peer = lsock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -307,7 +348,10 @@ class WorkerLoop:
         if conn.error is None and not conn.dispatchable():
             return
         if self.pool is None:
+            before = self.handler.requests
             self._served(conn, self.handler.serve(conn))
+            if not self.draining:
+                self._on_signals(in_flight=self.handler.requests - before)
         else:
             self.ep.unregister(fd)
             self.owned.add(fd)

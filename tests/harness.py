@@ -50,6 +50,7 @@ def application(environ, start_response):
     path = environ["PATH_INFO"]
     query = dict(p.partition("=")[::2] for p in environ.get("QUERY_STRING", "").split("&") if p)
     if path == "/slow":
+        open(os.path.join(os.environ.get("SLOW_MARK_DIR", "."), "slow.started"), "w").close()  # handshake
         time.sleep(float(query.get("s", "3")))
     elif path == "/env":
         body = os.environ.get(query.get("k", ""), "<unset>").encode()
@@ -76,6 +77,11 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 '''
+
+
+def slow_started(directory: Path, timeout: float = 10.0) -> None:
+    """Wait for the app's mark that a /slow request is being served (the app's cwd)."""
+    wait_until(lambda: (directory / "slow.started").exists(), timeout, message="slow request in flight")
 
 
 def write_app(directory: Path, version: str = "1", extra: str = "", name: str = "app.py") -> Path:

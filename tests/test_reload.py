@@ -1,0 +1,235 @@
+"""Graceful reload by generations, under real load, with real signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import psutil
+
+from tests.harness import Load, assert_monotonic_versions, http_get, slow_started, wait_until, write_app
+
+BROKEN_IMPORT = 'raise RuntimeError("broken deploy")'
+
+
+def test_ten_hups_under_load_zero_failures_and_versions_only_move_forward(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
+    order = ["version=1"]
+    with Load(sv.port, clients=6, keepalive=True) as ka, Load(sv.port, clients=4, keepalive=False) as nk:
+        ka.wait_requests(100)
+        for n in range(2, 12):
+            write_app(app_dir, str(n))
+            order.append(f"version={n}")
+            finished = sv.reload()
+            assert finished["outcome"] == "succeeded", finished
+            ka.wait_requests(30)
+            nk.wait_requests(10)
+    for load in (ka, nk):
+        assert load.count() > 500
+        assert not load.failures(), load.summary()
+        assert_monotonic_versions(load, order)
+        assert all(r.body == "version=11" for r in load.results[-20:])
+    assert sv.stop() == 0
+
+
+def test_slow_request_in_flight_during_hup_completes_with_old_code(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
+    result: dict[str, object] = {}
+    slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), http_get(sv.port, "/slow?s=3"))))
+    slow.start()
+    slow_started(app_dir)
+    write_app(app_dir, "2")
+    sv.signal(signal.SIGHUP)
+    sv.wait_for("generation_ready", count=2)
+    assert http_get(sv.port)[1] == "version=2"
+    slow.join(10)
+    assert result == {"status": 200, "body": "version=1"}
+    finished = sv.wait_for("reload_finished")
+    assert finished["outcome"] == "succeeded" and finished["drained_requests"] >= 1
+
+
+def _broken_reload_then_fix(sv, app_dir, load: Load) -> None:
+    load.wait_requests(50)
+    write_app(app_dir, "2", extra=BROKEN_IMPORT)
+    failed = sv.reload()
+    assert failed["outcome"] == "failed" and "RuntimeError: broken deploy" in failed["error"]
+    assert sv.find("reload_failed")
+    load.wait_requests(50, timeout=10)
+    assert http_get(sv.port, timeout=5)[1] == "version=1"
+    write_app(app_dir, "3")
+    assert sv.reload()["outcome"] == "succeeded"
+    load.wait_requests(50)
+
+
+def test_reload_into_code_that_raises_at_import_keeps_old_code_serving(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
+    with Load(sv.port, clients=6) as load:
+        _broken_reload_then_fix(sv, app_dir, load)
+    assert not load.failures(), load.summary()
+    assert_monotonic_versions(load, ["version=1", "version=3"])
+    assert load.results[-1].body == "version=3"
+    assert sv.proc.poll() is None
+
+
+def test_negative_control_retiring_old_generation_early_is_detected(supervise, app_dir):
+    """Same scenario with the old generation retired at reload start (gunicorn's order):
+    the test must see failures, proving it would catch that behaviour."""
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch",
+                   env={"SUPERVISE_TEST_RETIRE_EARLY": "1"}).ready()
+    with Load(sv.port, clients=4, timeout=2.0) as load:
+        load.wait_requests(50)
+        write_app(app_dir, "2", extra=BROKEN_IMPORT)
+        sv.reload()
+        wait_until(lambda: load.failures(), timeout=10, message="failures with early retirement")
+    assert load.failures()
+
+
+def test_reload_whose_workers_hang_at_import_fails_at_boot_timeout(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch",
+                   "--boot-timeout", "2").ready()
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_app(app_dir, "2", extra="time.sleep(60)")
+        failed = sv.reload(timeout=10)
+        assert failed["outcome"] == "failed" and "boot timeout" in failed["error"]
+        load.wait_requests(50)
+        assert http_get(sv.port)[1] == "version=1"
+    assert not load.failures(), load.summary()
+
+
+def test_hup_storm_at_most_two_generations_alive_and_one_remains(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", health=True).ready()
+    seen: list[set[int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                status, body = sv.health()
+            except Exception:
+                continue
+            seen.append({w["generation"] for w in body["workers"]})
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    with Load(sv.port, clients=4) as load:
+        sampler.start()
+        load.wait_requests(30)
+        for _ in range(20):
+            sv.signal(signal.SIGHUP)
+            time.sleep(0.05)  # the storm itself: 20 HUPs spread over one second
+        wait_until(lambda: _settled(sv), timeout=30, message="storm to settle")
+        stop.set()
+        sampler.join(5)
+        load.wait_requests(30)
+    assert seen and max(len(s) for s in seen) <= 2, max(seen, key=len)
+    final = sv.health()[1]
+    assert len({w["generation"] for w in final["workers"]}) == 1
+    assert not load.failures(), load.summary()
+
+
+def _settled(sv) -> bool:
+    body = sv.health()[1]
+    return (len({w["generation"] for w in body["workers"]}) == 1
+            and all(g["state"] == "serving" for g in body["generations"])
+            and body["generation"] == max(w["generation"] for w in body["workers"])
+            and len(sv.find("reload_requested")) == 20
+            and len(sv.find("reload_finished")) >= 1
+            and sv.find("reload_finished")[-1]["generation"] == body["generation"])
+
+
+def test_sigterm_in_the_middle_of_a_reload_exits_zero_and_finishes_requests(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
+    result: dict[str, object] = {}
+    slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), http_get(sv.port, "/slow?s=2"))))
+    slow.start()
+    slow_started(app_dir)
+    write_app(app_dir, "2", extra="time.sleep(5)")  # the new generation is still booting...
+    sv.signal(signal.SIGHUP)
+    sv.wait_for("reload_started")
+    sv.signal(signal.SIGTERM)  # ...when the stop comes
+    assert sv.wait(15) == 0
+    slow.join(10)
+    assert result == {"status": 200, "body": "version=1"}
+    killed = sv.find("worker_killed", generation=2)
+    assert killed and all(k["reason"] == "shutdown before ready" for k in killed)
+
+
+def test_rolling_reload_zero_failures_never_more_than_workers_plus_one(supervise, app_dir):
+    sv = supervise("app", "--workers", "3", "--chdir", str(app_dir), "--no-watch",
+                   "--reload-strategy", "rolling").ready()
+    master = psutil.Process(sv.pid)
+    most = 0
+    with Load(sv.port, clients=6) as load:
+        load.wait_requests(50)
+        for n in (2, 3):
+            write_app(app_dir, str(n))
+            before = len(sv.find("reload_finished"))
+            sv.signal(signal.SIGHUP)
+            while len(sv.find("reload_finished")) <= before:  # sample while the reload runs
+                most = max(most, _alive_children(master))
+                assert sv.proc.poll() is None
+            assert sv.find("reload_finished")[-1]["outcome"] == "succeeded"
+        load.wait_requests(50)
+    assert most <= 4, most
+    assert not load.failures(), load.summary()
+    assert http_get(sv.port)[1] == "version=3"
+
+
+def test_max_requests_recycles_without_failures(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch",
+                   "--max-requests", "100", "--max-requests-jitter", "20").ready()
+    with Load(sv.port, clients=4) as load:
+        wait_until(lambda: len(sv.find("worker_recycle")) >= 3, timeout=30, message="3 recycles")
+        load.wait_requests(100)
+    assert not load.failures(), load.summary()
+    assert "max-requests" in sv.find("worker_recycle")[0]["reason"]
+
+
+def test_max_rss_recycles_without_failures(supervise, app_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(app_dir), "--no-watch", "--max-rss", "1M").ready()
+    with Load(sv.port, clients=3) as load:
+        sv.wait_for("worker_recycle", timeout=15)
+        sv.wait_for("worker_exited", timeout=15)
+        load.wait_requests(50)
+    assert not load.failures(), load.summary()
+    assert "max-rss" in sv.find("worker_recycle")[0]["reason"]
+
+
+def test_worker_that_stops_heartbeating_is_killed_and_replaced(supervise, app_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(app_dir), "--no-watch",
+                   "--worker-timeout", "1.5").ready()
+    stuck = threading.Thread(target=lambda: _ignore_errors(lambda: http_get(sv.port, "/slow?s=10", timeout=15)))
+    stuck.start()
+    killed = sv.wait_for("worker_killed", timeout=10)
+    assert "no heartbeat" in killed["reason"]
+    sv.wait_for("worker_ready", count=2, timeout=10)
+    assert http_get(sv.port)[0] == 200
+    stuck.join(15)
+
+
+def _alive_children(proc: psutil.Process) -> int:
+    alive = 0
+    for child in proc.children():
+        try:
+            alive += child.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _ignore_errors(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def test_same_size_edit_within_the_same_second_is_not_served_from_stale_bytecode(supervise, app_dir):
+    """CPython's .pyc check uses whole-second mtimes: without the worker's precise cache key,
+    a one-character fix deployed in the same second as the last import would serve old code."""
+    sv = supervise("app", "--workers", "1", "--chdir", str(app_dir), "--no-watch").ready()
+    for n in range(2, 6):  # each edit keeps the file size and lands within the same second
+        write_app(app_dir, str(n))
+        assert sv.reload()["outcome"] == "succeeded"
+        assert http_get(sv.port)[1] == f"version={n}"
