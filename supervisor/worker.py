@@ -196,7 +196,7 @@ class WorkerLoop:
             app, server_name=str(first[0]) if is_inet else "localhost",
             server_port=str(first[1]) if is_inet else "", url_scheme="http",
             multithread=spec.threads > 1, access_log=log.info if spec.access_log else None,
-            log_error=log.error, is_draining=lambda: self.draining)
+            log_error=log.error, is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining)
         self.pool: ThreadPoolExecutor | None = None
         self.done: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
         self.done_r = self.done_w = -1
@@ -265,15 +265,13 @@ class WorkerLoop:
                 self._linger(conn, now)
 
     # ------------------------------------------------------------------ events
-    def _on_signals(self, in_flight: int = 0) -> None:
-        """Handle signals that woke us.  `in_flight`: requests just served inline, during which
-        the signal may have arrived; they count as finished while draining."""
+    def _on_signals(self) -> None:
         try:
             signums = os.read(self.wake_r, 512)
         except BlockingIOError:
             return
         if signal.SIGTERM in signums:
-            self._begin_drain("SIGTERM", in_flight)
+            self._begin_drain("SIGTERM")
 
     def _on_master(self) -> None:
         for message in self.chan.receive():
@@ -284,11 +282,19 @@ class WorkerLoop:
             self.ep.unregister(self.chan.fileno())
             self._begin_drain("master gone")
 
-    def _begin_drain(self, why: str, in_flight: int = 0) -> None:
+    def _draining_now(self) -> bool:
+        """With --threads 1 the app runs on this thread, so a SIGTERM that arrived during the
+        request has not been seen yet: look when the response head is written, so the request
+        in flight gets `Connection: close` and counts as finished while draining."""
+        if not self.draining:
+            self._on_signals()
+        return self.draining
+
+    def _begin_drain(self, why: str) -> None:
         if self.draining:
             return
         self.draining = True
-        self.requests_at_drain = self.handler.requests - in_flight
+        self.requests_at_drain = self.handler.requests  # a request in flight is counted when it ends
         self._set_accepting(False)
         for sock in self.listeners:
             sock.close()  # our copy only: the master and the new generation keep the socket open
@@ -348,10 +354,7 @@ class WorkerLoop:
         if conn.error is None and not conn.dispatchable():
             return
         if self.pool is None:
-            before = self.handler.requests
             self._served(conn, self.handler.serve(conn))
-            if not self.draining:
-                self._on_signals(in_flight=self.handler.requests - before)
         else:
             self.ep.unregister(fd)
             self.owned.add(fd)
