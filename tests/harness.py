@@ -62,6 +62,8 @@ def application(environ, start_response):
             if os.fork() == 0:          # child: fork a grandchild, then exit at once
                 if os.fork() == 0:      # grandchild: orphaned, re-parented, exits soon after
                     time.sleep(0.2)
+                    with open("orphan.%d" % os.getpid(), "w") as f:
+                        f.write(str(os.getppid()))  # who adopted us
                     os._exit(0)
                 os._exit(0)
         # reap the direct children so only the grandchildren are orphans
