@@ -49,6 +49,8 @@ class _KVError(Exception):
 def _validate(config: Any) -> None:
     if config.chdir and not os.path.isdir(config.chdir):
         raise ConfigError(f"invalid value for --chdir: {config.chdir!r} is not a directory")
+    if config.consul_kv_prefix and not config.consul:
+        raise ConfigError("--consul-kv-prefix needs --consul (or CONSUL_HTTP_ADDR)")
     if config.consul and config.consul_check == "http" and not config.health_bind:
         raise ConfigError("--consul-check http needs --health-bind (the agent polls it)")
     for path in config.watch:

@@ -193,8 +193,7 @@ class Master:
         if self.consul is None:
             return
         if note.event == "generation_ready" and fields.get("first"):
-            self.consul.send(cmd="ready")
-            self.next_alive = now
+            self._consul_ready(now)
         elif note.event == "reload_failed":
             self.consul.send(cmd="note", text=f"reload to generation {fields['generation']} failed: "
                                               f"{fields['error']}; generation still serving")
@@ -292,6 +291,14 @@ class Master:
         assert helper.chan is not None
         self.sel.register(helper.chan.sock, selectors.EVENT_READ, lambda _, h=helper: self._on_helper(h))
         self.log.debug("helper_started", helper=helper.name, helper_pid=helper.pid)
+        if helper is self.consul and self.pool.serving_generation() and self.stopping is None:
+            self._consul_ready(now)  # a restarted Consul helper must register again
+
+    def _consul_ready(self, now: float) -> None:
+        """The service is ready: register (the helper retries until Consul answers)."""
+        assert self.consul is not None
+        self.consul.send(cmd="ready", env=self.env)
+        self.next_alive = now
 
     def _on_helper(self, helper: Helper) -> None:
         chan = helper.chan

@@ -28,3 +28,6 @@ def supervise() -> Iterator[Callable[..., Supervise]]:
     yield start
     for proc in started:
         proc.kill()
+
+
+from tests.consul_agent import consul_agent, consul_binary  # noqa: E402,F401  (fixtures)
