@@ -1,0 +1,61 @@
+"""Fixtures for the end-to-end Docker tests (tests/docker/).
+
+The session builds the image once with scripts/image.sh (engine, base, wheelhouse,
+docker build: each step skipped when already done). A machine whose engine cannot
+start fails these tests loudly; they are never skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.docker import helpers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "docker: end-to-end tests in a real Docker engine")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/docker/" in item.nodeid.replace("\\", "/"):
+            item.add_marker(pytest.mark.docker)
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The supervise image, built (or found up to date) by scripts/image.sh build."""
+    try:
+        helpers.build_image()
+    except helpers.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return helpers.IMAGE
+
+
+@pytest.fixture(scope="session")
+def client(image: str):
+    return helpers.docker_client()
+
+
+@pytest.fixture
+def app_dir(tmp_path):
+    """A private copy of images/example/app, to bind-mount and edit."""
+    return helpers.copy_example_app(tmp_path)
+
+
+@pytest.fixture
+def start(client, image, app_dir, request):
+    """Factory: start(env=..., healthcheck=..., entrypoint=...) -> helpers.Service.
+
+    Every container started here is removed at teardown (force, with its anonymous volume)."""
+    started: list[helpers.Service] = []
+
+    def _start(**kwargs) -> helpers.Service:
+        kwargs.setdefault("app_dir", app_dir)
+        service = helpers.start_service(client, image, name_hint=request.node.name, **kwargs)
+        started.append(service)
+        return service
+
+    yield _start
+    for service in started:
+        service.remove()
