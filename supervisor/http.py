@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -41,8 +42,16 @@ class ClientGone(Exception):
     """The client closed or stalled; the connection is dropped without a response."""
 
 
-class BodyTooLarge(Exception):
+class BodyError(Exception):
+    """Raised into the app by wsgi.input when the request body cannot be read; answered with `code`."""
+
+    code = 400
+
+
+class BodyTooLarge(BodyError):
     """Raised into the app by wsgi.input when the body passes --limit-request-body."""
+
+    code = 413
 
 
 @dataclass(frozen=True)
@@ -86,12 +95,18 @@ class Connection:
         self.parser = httptools.HttpRequestParser(self)
         self.requests: deque[Request] = deque()
         self.error: int | None = None  # status to answer with, set by parser callbacks
+        self.failed: Request | None = None  # the request `error` belongs to (those before it are fine)
         self.closing = False  # no more requests will be read (Connection: close sent or due)
         self.eof = False
         self.last_active = now
         self.served = 0
         self.drain_notice: float | None = None  # when the worker began draining with this conn idle
         self._cur: Request | None = None
+
+    def _fail(self, code: int) -> None:
+        """Record a protocol error (the first one wins) and the request it belongs to."""
+        if self.error is None:
+            self.error, self.failed = code, self._cur
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -101,15 +116,15 @@ class Connection:
     def on_url(self, url: bytes) -> None:
         cur = self._cur
         cur.url += url  # type: ignore[union-attr]
-        if len(cur.url) > self.limits.request_line and self.error is None:  # type: ignore[union-attr]
-            self.error = 414
+        if len(cur.url) > self.limits.request_line:  # type: ignore[union-attr]
+            self._fail(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         cur = self._cur
         cur.headers.append((name, value))  # type: ignore[union-attr]
         cur.head_size += len(name) + len(value) + 4  # type: ignore[union-attr]
-        if cur.head_size > self.limits.headers and self.error is None:  # type: ignore[union-attr]
-            self.error = 431
+        if cur.head_size > self.limits.headers:  # type: ignore[union-attr]
+            self._fail(431)
 
     def on_headers_complete(self) -> None:
         cur = self._cur
@@ -126,14 +141,14 @@ class Connection:
                 try:
                     cur.content_length = int(value)
                 except ValueError:
-                    self.error = self.error or 400
+                    self._fail(400)
             elif lname == b"transfer-encoding" and b"chunked" in value.lower():
                 cur.chunked = True
-            elif lname == b"expect" and value.lower() == b"100-continue":
-                cur.expect_continue = True
+            elif lname == b"expect" and value.lower() == b"100-continue" and cur.version != "1.0":
+                cur.expect_continue = True  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
         limit = self.limits.body
         if limit and cur.content_length is not None and cur.content_length > limit:
-            self.error = self.error or 413
+            self._fail(413)
 
     def on_body(self, body: bytes) -> None:
         cur = self._cur
@@ -153,15 +168,21 @@ class Connection:
         except httptools.HttpParserUpgrade:
             self.closing = True  # served as a plain request, then closed: WSGI has no upgrades
         except httptools.HttpParserError:
-            self.error = self.error or 400
+            self._fail(400)
         cur = self._cur
         if cur is not None and not cur.head_complete and self.error is None:
             cur.raw_head += len(data)
             if cur.raw_head > self.limits.headers + self.limits.request_line:
-                self.error = 431
+                self._fail(431)
 
     def dispatchable(self) -> bool:
         return bool(self.requests) and self.requests[0].head_complete
+
+    def sound_ahead(self) -> bool:
+        """After a protocol error: the next queued request is complete and came before the bad
+        one, so it is still answered (pipelined requests are answered in order)."""
+        req = self.requests[0] if self.requests else None
+        return req is not None and req is not self.failed and req.complete
 
     def idle(self) -> bool:
         """No request queued and no partial request: safe to close."""
@@ -221,8 +242,8 @@ def wait(sock: socket.socket, events: int, timeout: float) -> None:
 class Input(io.RawIOBase):
     """wsgi.input: streams the request body straight from the connection."""
 
-    def __init__(self, conn: Connection, req: Request) -> None:
-        self._conn, self._req = conn, req
+    def __init__(self, conn: Connection, req: Request, resp: _Response) -> None:
+        self._conn, self._req, self._resp = conn, req, resp
         self._buf = b""
         self._continue_sent = False
 
@@ -233,16 +254,21 @@ class Input(io.RawIOBase):
         """Move more body into the buffer.  False at end of body."""
         req = self._req
         while not req.body:
-            if req.complete or self._conn.error is not None:
+            if req.complete:
                 return False
+            if self._conn.error is not None:
+                # The parser failed inside this body (it cannot have reached a later request):
+                # raise rather than end the body early, so the app never takes a truncated
+                # body for the whole one.
+                raise BodyError("malformed request body")
             if req.expect_continue and not self._continue_sent:
                 self._continue_sent = True
-                self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if not self._resp.sent:  # a 100 after the final response started would corrupt it
+                    self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._conn.read_more()
         chunk = req.body.popleft()
         limit = self._conn.limits.body
         if limit and req.received > limit:
-            self._conn.error = 413
             raise BodyTooLarge(f"request body larger than {limit} bytes")
         self._buf = self._buf + chunk if self._buf else chunk
         return True
@@ -290,9 +316,6 @@ class Input(io.RawIOBase):
     def __iter__(self) -> Any:
         return iter(self.readline, b"")
 
-    def exhausted(self) -> bool:
-        return self._req.complete and not self._req.body and not self._buf
-
 
 class FileWrapper:
     """wsgi.file_wrapper: lets the server send a file with sendfile()."""
@@ -312,12 +335,18 @@ class FileWrapper:
 
 
 class _HeaderCache(dict):
-    """b"content-type" -> "CONTENT_TYPE", b"x-foo" -> "HTTP_X_FOO", computed once per name."""
+    """b"content-type" -> "CONTENT_TYPE", b"x-foo" -> "HTTP_X_FOO", computed once per name.
 
-    def __missing__(self, name: bytes) -> str:
+    A name with an underscore maps to None and is dropped, as nginx and gunicorn do: in the
+    environ `X_Forwarded_For` would be indistinguishable from a proxy's `X-Forwarded-For`."""
+
+    def __missing__(self, name: bytes) -> str | None:
         key = name.decode("latin-1").upper().replace("-", "_")
-        value = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
-        self[name] = value
+        value: str | None = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+        if b"_" in name:
+            value = None
+        if len(self) < 2048:  # bounded: clients must not grow the worker with made-up header names
+            self[name] = value
         return value
 
 
@@ -355,12 +384,14 @@ class Handler:
 
     def __init__(self, app: Callable, server_name: str, server_port: str, url_scheme: str,
                  multithread: bool, access_log: Callable[..., None] | None,
-                 log_error: Callable[..., None], is_draining: Callable[[], bool]) -> None:
+                 log_error: Callable[..., None], is_draining: Callable[[], bool], keepalive: bool = True) -> None:
         self.app = app
         self.access_log = access_log
         self.log_error = log_error
         self.is_draining = is_draining
+        self.keepalive = keepalive
         self.requests = 0
+        self._count_lock = threading.Lock()  # pool threads finish requests concurrently
         self._names = _HeaderCache()
         self._date = _DateCache()
         self._base = {
@@ -375,7 +406,7 @@ class Handler:
         """Answer every dispatchable request.  Returns False when the connection must close."""
         try:
             while True:
-                if conn.error is not None:
+                if conn.error is not None and not conn.sound_ahead():
                     self._error_response(conn, conn.error)
                     return False
                 if not conn.dispatchable():
@@ -392,13 +423,12 @@ class Handler:
     def _one(self, conn: Connection, req: Request) -> bool:
         started = time.monotonic()
         environ = self._environ(conn, req)
-        body = Input(conn, req)
-        environ["wsgi.input"] = body
         resp = _Response()
         resp.head = req.method == b"HEAD"
+        environ["wsgi.input"] = Input(conn, req, resp)
         # Close after this response if the client asked, we are draining, the request had a
         # body we cannot skip, or the parser saw an upgrade.
-        resp.close = not req.keep_alive or conn.closing or self.is_draining()
+        resp.close = not req.keep_alive or conn.closing or not self.keepalive
         result: Iterable[bytes] | None = None
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
@@ -439,10 +469,10 @@ class Handler:
                     result.close()
         except ClientGone:
             raise
-        except BodyTooLarge:
+        except BodyError as exc:
             if resp.sent:
-                raise ClientGone("body too large after response started") from None
-            self._error_response(conn, 413)
+                raise ClientGone(f"{exc} after the response started") from None
+            self._error_response(conn, exc.code)
             return False
         except Exception:
             self.log_error("app_exception", method=req.method.decode("latin-1"),
@@ -451,14 +481,17 @@ class Handler:
                 raise ClientGone("app failed after the response started") from None
             self._error_response(conn, 500)
             return False
-        self.requests += 1
+        with self._count_lock:
+            self.requests += 1
         if self.access_log is not None:
             self.access_log("request", method=req.method.decode("latin-1"), path=environ.get("PATH_INFO"),
                             query=environ.get("QUERY_STRING"), status=int(resp.status[:3]),  # type: ignore[index]
                             bytes=resp.written, duration=round(time.monotonic() - started, 6),
                             remote=environ.get("REMOTE_ADDR"))
-        if not req.complete or not body.exhausted() and req.body:
+        if not req.complete:
             return False  # unread body still on the wire: we cannot find the next request
+        if resp.length is not None and resp.written < resp.length and not resp.head:
+            return False  # body shorter than its Content-Length: only a close ends it for the client
         return not resp.close
 
     def _environ(self, conn: Connection, req: Request) -> dict[str, Any]:
@@ -487,6 +520,8 @@ class Handler:
         names = self._names
         for name, value in req.headers:
             key = names[name]
+            if key is None:
+                continue
             text = value.decode("latin-1")
             if key in environ and key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
                 environ[key] += "," + text  # RFC 9110: repeated fields combine with commas
@@ -507,6 +542,8 @@ class Handler:
                 has_length = True
                 try:
                     resp.length = int(value)
+                    if resp.length < 0:
+                        raise ValueError
                 except ValueError:
                     raise ValueError(f"invalid Content-Length {value!r}") from None
             elif lname == "connection":
@@ -529,8 +566,14 @@ class Handler:
                 resp.chunked = True
             elif not resp.head:
                 resp.close = True  # HTTP/1.0 without a length: the end of the body is the close
+        if no_body:
+            resp.length = 0  # whatever the app yields, a 1xx/204/304 response has no body
+        if not req.complete:
+            resp.close = True  # the app answered before reading the whole body: it stays unread
         if not has_date:
             lines.append(f"Date: {self._date.get()}\r\n")
+        if not resp.close and self.is_draining():
+            resp.close = True  # the worker began draining while this request ran: last response
         if not has_conn:
             if resp.close:
                 lines.append("Connection: close\r\n")
@@ -545,24 +588,23 @@ class Handler:
         self._write(conn, req, resp, data, final=True)
 
     def _write(self, conn: Connection, req: Request, resp: _Response, data: bytes, final: bool = False) -> None:
+        head = b""
         if not resp.sent:
             head = self._head_bytes(req, resp, len(data) if final else None)
             resp.sent = True
-            if resp.head or not data:
+        if resp.head:
+            data = b""
+        elif resp.length is not None and len(data) > resp.length - resp.written:
+            # Never more than the Content-Length: the excess would be read as the next response.
+            data = data[:resp.length - resp.written]
+        if not data:
+            if head:
                 conn.send(head)
-                return
-            if resp.chunked:
-                conn.send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")))
-            else:
-                conn.send(head + data)
-            resp.written += len(data)
-            return
-        if resp.head or not data:
             return
         if resp.chunked:
-            conn.send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+            conn.send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")))
         else:
-            conn.send(data)
+            conn.send(head + data if head else data)
         resp.written += len(data)
 
     def _sendfile(self, conn: Connection, req: Request, resp: _Response, wrapper: FileWrapper) -> bool:
@@ -573,7 +615,7 @@ class Handler:
             size = os.fstat(fd).st_size - offset
         except (AttributeError, OSError, io.UnsupportedOperation):
             return False
-        if resp.status is None:
+        if resp.status is None or resp.sent:  # after write(): the head is out, just iterate
             return False
         if not any(n.lower() == "content-length" for n, _ in resp.headers):
             resp.headers = list(resp.headers) + [("Content-Length", str(size))]

@@ -33,6 +33,8 @@ from supervisor.http import Connection, Handler, Limits
 
 HEARTBEAT_INTERVAL = 1.0
 DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
+HEAD_TIMEOUT = 30.0  # a request head that stalls this long is dropped (slowloris)
+FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may take to send its request
 LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
 EXIT_BOOT_FAILED = 3
 PR_SET_PDEATHSIG = 1
@@ -196,7 +198,11 @@ class WorkerLoop:
             app, server_name=str(first[0]) if is_inet else "localhost",
             server_port=str(first[1]) if is_inet else "", url_scheme="http",
             multithread=spec.threads > 1, access_log=log.info if spec.access_log else None,
-            log_error=log.error, is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining)
+            log_error=log.error, is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
+            keepalive=spec.keepalive_timeout > 0)
+        # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
+        # connection still gets time to send its first request.
+        self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
         self.pool: ThreadPoolExecutor | None = None
         self.done: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
         self.done_r = self.done_w = -1
@@ -245,23 +251,29 @@ class WorkerLoop:
         self.chan.send(t="hb", r=served, d=drained)
         self.chan.sock.setblocking(False)
 
+    def _expires_at(self, conn: Connection) -> float:
+        """An idle connection (between requests) gets the keep-alive timeout, or DRAIN_IDLE
+        while draining; one in the middle of a request head gets HEAD_TIMEOUT."""
+        if not conn.idle():
+            return conn.last_active + HEAD_TIMEOUT
+        return conn.last_active + (min(DRAIN_IDLE, self.idle_timeout) if self.draining else self.idle_timeout)
+
     def _next_timeout(self, now: float) -> float:
-        idle_limit = DRAIN_IDLE if self.draining else self.spec.keepalive_timeout
-        deadlines = [c.last_active + idle_limit for fd, c in self.conns.items()
+        deadlines = [self._expires_at(c) for fd, c in self.conns.items()
                      if fd not in self.owned and fd not in self.lingering]
         deadlines += self.lingering.values()
         return min(deadlines) if deadlines else now + 3600
 
     def _expire(self, now: float) -> None:
-        """Close idle keep-alive connections past their timeout, and finished lingerers."""
-        idle_limit = DRAIN_IDLE if self.draining else self.spec.keepalive_timeout
+        """Close idle keep-alive connections and stalled request heads past their timeout,
+        and finished lingerers."""
         for fd, conn in list(self.conns.items()):
             if fd in self.owned:
                 continue
             if fd in self.lingering:
                 if now >= self.lingering[fd]:
                     self._close(conn)
-            elif now - conn.last_active >= idle_limit:
+            elif now >= self._expires_at(conn):
                 self._linger(conn, now)
 
     # ------------------------------------------------------------------ events
