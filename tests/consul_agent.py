@@ -28,41 +28,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import pytest
+from tests.harness import wait_until  # noqa: F401  (one deadline helper for every test)
 
 REPO = Path(__file__).resolve().parent.parent
 FETCH_SCRIPT = REPO / "scripts" / "fetch-consul.sh"
 
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- waiting
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, message: str = "condition", interval: float = 0.05) -> T:
-    """Poll `predicate` until it returns something truthy; return that.  AssertionError after `timeout`.
-
-    Exceptions from the predicate count as "not yet" (the last one is reported on timeout).
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-            last_error = None
-        except Exception as exc:  # noqa: BLE001 - "not yet"
-            last_error = exc
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error!r})" if last_error else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {message}{detail}")
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------- binary
 
 
 @functools.lru_cache(maxsize=None)

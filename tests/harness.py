@@ -28,16 +28,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-               message: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy, or fail at the deadline."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "condition",
+               interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy and return that, or fail at the
+    deadline.  An exception from the predicate counts as "not yet"; the last one is reported."""
     deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
     while True:
-        value = predicate()
-        if value:
-            return value
+        try:
+            value = predicate()
+            if value:
+                return value
+            last_error = None
+        except Exception as exc:  # noqa: BLE001 - not yet
+            last_error = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            detail = f" (last error: {last_error!r})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}{detail}")
         time.sleep(interval)  # polling interval of a deadline loop, not a fixed wait
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import docker  # the Docker SDK for Python (not this package: tests/ has an __init__.py)
+from tests.harness import wait_until  # noqa: F401  (one deadline helper for every test)
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SUPERVISE_IMAGE", "supervise:latest")
@@ -79,26 +80,6 @@ def write_file(path: Path, text: str) -> None:
 
 def set_version(app_dir: Path, version: str) -> None:
     write_file(app_dir / "version.py", f'"""Edited by the Docker tests."""\n\nVERSION = {version!r}\n')
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - reported at the deadline
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
-                                 + (f" (last error: {last_exc!r})" if last_exc else ""))
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------- logs
 
 
 def event_is(*names: str, **fields: Any) -> Callable[[dict], bool]:
