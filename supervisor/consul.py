@@ -15,7 +15,9 @@ Two entry points for the master:
                                        is always reported).
     {"cmd": "alive"}                   master loop is alive; send at least every ttl/3.
     {"cmd": "note", "text": "..."}     output of the TTL check (stays passing); "" clears it.
-    {"cmd": "stop"}                    deregister (or maintenance); answered with "stopped"
+    {"cmd": "stop", "withdraw": bool} deregister (or maintenance); answered with "stopped".
+                                       withdraw: the service was ready, so withdraw even if this
+                                       helper (restarted) never got `ready`
                                        within consul_timeout, whatever Consul does.
   helper -> master
     {"event": "registered", "service_id": ID}   after every successful (re-)registration
@@ -515,7 +517,7 @@ class _Helper:
             self.log.warning("consul_helper_bad_message", line=_one_line(line[:200]))
             return
         if cmd == "stop":
-            self._stop()
+            self._stop(withdraw=bool(message.get("withdraw")))
             return
         with self.state.cond:
             self.state.last_alive = time.monotonic()  # any command proves the master loop runs
@@ -533,10 +535,12 @@ class _Helper:
                 self.log.warning("consul_helper_unknown_command", cmd=_one_line(cmd))
             self.state.cond.notify_all()
 
-    def _stop(self) -> None:
+    def _stop(self, withdraw: bool = False) -> None:
+        """Withdraw the instance.  `withdraw`: the master was serving, so do it even if this
+        helper never got `ready` (it was restarted after a crash and had not re-registered)."""
         with self.state.cond:
             self.state.stopping = True
-            was_ready = self.state.ready
+            was_ready = self.state.ready or withdraw
             self.state.cond.notify_all()
         result: dict[str, Any] = {}
         done = threading.Event()

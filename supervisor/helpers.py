@@ -17,6 +17,7 @@ from supervisor.channel import Channel
 
 RESTART_BASE = 0.5
 RESTART_CAP = 30.0
+STABLE_UPTIME = 60.0  # a helper up this long has proven itself: reset its backoff
 
 
 def close_inherited_fds(keep: set[int]) -> None:
@@ -40,6 +41,7 @@ class Helper:
     chan: Channel | None = None
     failures: int = 0
     restart_at: float | None = None
+    started_at: float = 0.0
     on_message: Callable[[dict[str, Any]], None] = field(default=lambda message: None)
 
     def start(self, now: float) -> None:
@@ -63,14 +65,14 @@ class Helper:
             finally:
                 os._exit(code)
         child.close()
-        self.pid, self.chan, self.restart_at = pid, Channel(parent), None
+        self.pid, self.chan, self.restart_at, self.started_at = pid, Channel(parent), None, now
 
     def exited(self, now: float) -> float:
         """Bookkeeping after the helper died; returns the restart delay."""
         if self.chan is not None:
             self.chan.close()
         self.pid, self.chan = None, None
-        self.failures += 1
+        self.failures = 1 if now - self.started_at >= STABLE_UPTIME else self.failures + 1
         delay = min(RESTART_CAP, RESTART_BASE * 2 ** (self.failures - 1))
         self.restart_at = now + delay
         return delay

@@ -107,10 +107,13 @@ class Master:
             now = time.monotonic()
             self._reap(now)
             self._timers(now)
-            for action in self.pool.decide(now):
-                if isinstance(action, Exit):
-                    return self._exit(action)
-                self._carry_out(action, now)
+            actions = self.pool.decide(now)
+            while actions:  # carrying actions out (a Spawn) can feed the pool new events
+                for action in actions:
+                    if isinstance(action, Exit):
+                        return self._exit(action)
+                    self._carry_out(action, now)
+                actions = self.pool.decide(now)
             for key, _ in self.sel.select(self._timeout(now)):
                 key.data(key.fileobj)
 
@@ -350,9 +353,11 @@ class Master:
     def _begin_stop(self, now: float, why: str) -> None:
         self.log.info("shutdown_requested", signal=why)
         self.next_alive = None
-        if self.consul is not None and self.consul.chan is not None and self.pool.serving_generation():
+        if self.consul is not None and self.pool.serving_generation():
             self.stopping = Stopping("deregister", now + self.config.consul_timeout + 0.5)
-            self.consul.send(cmd="stop")
+            if self.consul.chan is None:  # crashed and waiting for its restart: withdrawing comes first
+                self._start_helper(self.consul, now)
+            self.consul.send(cmd="stop", withdraw=True)
         else:
             self.stopping = Stopping("drain", None)
             self.pool.shutdown(now, fast=False)
