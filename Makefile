@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8000
 
-.PHONY: install demo test test-fast bench image image-demo docs clean
+.PHONY: install demo test test-fast bench bench-quick image image-demo docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,15 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not docker and not consul"
 
+# Side by side with gunicorn (sync, gthread) and uWSGI; writes docs/benchmarks.md (~10 min).
 bench: install
 	bash bench/setup.sh
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# A short smoke run; results go to bench/results/, docs are left alone.
+bench-quick: install
+	bash bench/setup.sh
+	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
 image:
 	bash scripts/image.sh build

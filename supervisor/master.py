@@ -219,19 +219,15 @@ class Master:
                 if self.stopping is None:
                     self._begin_stop(now, name)
                 else:
-                    self.log.warning("fast_shutdown", signal=name, why="second stop signal")
-                    self.stopping.phase = "drain"
-                    self.pool.shutdown(now, fast=True)
+                    self._fast_stop(now, name, "second stop signal")
             elif signum == signal.SIGQUIT:
-                self.stopping = self.stopping or Stopping("drain", None)
-                self.stopping.phase = "drain"
-                self.pool.shutdown(now, fast=True)
+                self._fast_stop(now, "SIGQUIT", "fast shutdown requested")
             elif signum != signal.SIGCHLD:
                 self.log.info("signal_ignored", signal=signal.Signals(signum).name)
 
     def _on_worker(self, pid: int) -> None:
         chan = self.chans.get(pid)
-        if chan is None:
+        if chan is None or chan.closed:
             return
         now = time.monotonic()
         for message in chan.receive():
@@ -248,10 +244,12 @@ class Master:
 
     def _reap(self, now: float) -> None:
         for pid, status in reaper.reap():
-            chan = self.chans.pop(pid, None)
+            chan = self.chans.get(pid)
             if chan is not None:
+                self._on_worker(pid)  # what it wrote just before exiting: its last request count
                 if not chan.closed:
-                    self._on_worker_final(pid, chan)
+                    self.sel.unregister(chan.sock)
+                del self.chans[pid]
                 chan.sock.close()
             if self.pool.exited(now, pid, status):
                 continue
@@ -260,14 +258,6 @@ class Master:
                 self._helper_exited(helper, now, status)
             else:
                 self.log.debug("orphan_reaped", child_pid=pid, status=status)
-
-    def _on_worker_final(self, pid: int, chan: Channel) -> None:
-        """Read what a worker wrote just before exiting (its last request count)."""
-        self.chans[pid] = chan
-        self._on_worker(pid)
-        self.chans.pop(pid, None)
-        if not chan.closed:
-            self.sel.unregister(chan.sock)
 
     def _on_health_accept(self, _: Any) -> None:
         assert self.health is not None
@@ -361,6 +351,13 @@ class Master:
         else:
             self.stopping = Stopping("drain", None)
             self.pool.shutdown(now, fast=False)
+
+    def _fast_stop(self, now: float, signame: str, why: str) -> None:
+        """Kill the workers now: no Consul withdrawal, no drain."""
+        self.log.warning("fast_shutdown", signal=signame, why=why)
+        self.stopping = Stopping("drain", None)
+        self.next_alive = None
+        self.pool.shutdown(now, fast=True)
 
     def _advance_stop(self, now: float) -> None:
         assert self.stopping is not None
