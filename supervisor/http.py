@@ -97,6 +97,7 @@ class Connection:
         self.error: int | None = None  # status to answer with, set by parser callbacks
         self.failed: Request | None = None  # the request `error` belongs to (those before it are fine)
         self.closing = False  # no more requests will be read (Connection: close sent or due)
+        self.client_close = False  # the client itself asked to close after its request
         self.eof = False
         self.last_active = now
         self.served = 0
@@ -428,6 +429,7 @@ class Handler:
         environ["wsgi.input"] = Input(conn, req, resp)
         # Close after this response if the client asked, we are draining, the request had a
         # body we cannot skip, or the parser saw an upgrade.
+        conn.client_close = not req.keep_alive
         resp.close = not req.keep_alive or conn.closing or not self.keepalive
         result: Iterable[bytes] | None = None
 

@@ -34,6 +34,7 @@ from supervisor.http import Connection, Handler, Limits
 HEARTBEAT_INTERVAL = 1.0
 DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
 HEAD_TIMEOUT = 30.0  # a request head that stalls this long is dropped (slowloris)
+ACCEPT_BATCH = 16  # connections accepted per listener wakeup
 FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may take to send its request
 LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
 EXIT_BOOT_FAILED = 3
@@ -187,6 +188,7 @@ class WorkerLoop:
         self.ep = select.epoll()
         self.conns: dict[int, Connection] = {}
         self.owned: set[int] = set()  # connections being served by a pool thread
+        self.polled: set[int] = set()  # connections registered with epoll
         self.lingering: dict[int, float] = {}  # fd -> close deadline
         self.accepting = False
         self.draining = False
@@ -214,6 +216,7 @@ class WorkerLoop:
         self.chan.sock.setblocking(False)
         self.ep.register(chan.fileno(), select.EPOLLIN)
         self.listener_fds = {s.fileno(): s for s in listeners}
+        self.tcp_listeners = {s.fileno() for s in listeners if s.family != socket.AF_UNIX}
         for s in listeners:
             s.setblocking(False)
 
@@ -325,27 +328,35 @@ class WorkerLoop:
                 self.ep.unregister(fd)
 
     def _accept(self, lsock: socket.socket) -> None:
-        # epoll_wait returns ready events in preference to EINTR, so a SIGTERM sent while we
-        # slept can arrive *with* this listener event: its byte lands in the wakeup pipe only
-        # as epoll returns.  Look once more, so a draining worker never takes a connection the
-        # new generation should get.
-        self._on_signals()
-        if self.draining:
-            return
-        try:
-            sock, peer = lsock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as exc:  # EMFILE and friends: back off by not accepting for a moment
-            self.log.warning("accept_failed", error=str(exc))
-            return
+        """Accept and serve up to ACCEPT_BATCH queued connections: one epoll wakeup for many.
+        EPOLLEXCLUSIVE still wakes an idle sibling for the connections that keep arriving."""
+        tcp = lsock.fileno() in self.tcp_listeners
+        for _ in range(ACCEPT_BATCH):
+            # epoll_wait returns ready events in preference to EINTR, so a SIGTERM sent while we
+            # slept can arrive *with* this listener event: its byte lands in the wakeup pipe
+            # only as epoll returns.  Look before every accept, so a draining worker never
+            # takes a connection the new generation should get.
+            self._on_signals()
+            if not self.accepting:
+                return
+            try:
+                sock, peer = lsock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE and friends: back off until the next wakeup
+                self.log.warning("accept_failed", error=str(exc))
+                return
+            self._serve_new(sock, peer, tcp)
+
+    def _serve_new(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
         sock.setblocking(False)
-        if sock.family != socket.AF_UNIX:
+        if tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, peer, self.spec.limits, time.monotonic())
         self.conns[conn.fd] = conn
-        self.ep.register(conn.fd, select.EPOLLIN)
         self._on_readable(conn)  # the request is usually there already
+        if self.conns.get(conn.fd) is conn and conn.fd not in self.owned:
+            self._watch(conn)  # only connections that live on need epoll (saves two syscalls)
 
     def _on_readable(self, conn: Connection) -> None:
         fd = conn.fd
@@ -368,7 +379,7 @@ class WorkerLoop:
         if self.pool is None:
             self._served(conn, self.handler.serve(conn))
         else:
-            self.ep.unregister(fd)
+            self._unwatch(conn)
             self.owned.add(fd)
             if len(self.owned) >= self.spec.threads:
                 self._set_accepting(False)  # saturated: let other workers take new connections
@@ -393,15 +404,29 @@ class WorkerLoop:
             except queue.Empty:
                 break
             self.owned.discard(conn.fd)
-            self.ep.register(conn.fd, select.EPOLLIN)
+            self._watch(conn)
             self._served(conn, keep)
         if self.accept_enabled and len(self.owned) < self.spec.threads:
             self._set_accepting(True)
 
     def _served(self, conn: Connection, keep: bool) -> None:
         conn.last_active = time.monotonic()
-        if not keep:
+        if keep:
+            return
+        if conn.client_close and conn.idle():
+            self._close(conn)  # the client asked to close and sent nothing more: a plain FIN
+        else:
             self._linger(conn, conn.last_active)
+
+    def _watch(self, conn: Connection) -> None:
+        if conn.fd not in self.polled:
+            self.ep.register(conn.fd, select.EPOLLIN)
+            self.polled.add(conn.fd)
+
+    def _unwatch(self, conn: Connection) -> None:
+        if conn.fd in self.polled:
+            self.ep.unregister(conn.fd)
+            self.polled.discard(conn.fd)
 
     # ------------------------------------------------------------------ closing
     def _linger(self, conn: Connection, now: float) -> None:
@@ -419,6 +444,7 @@ class WorkerLoop:
             self._close(conn)
             return
         self.lingering[conn.fd] = now + LINGER
+        self._watch(conn)  # to see the client's EOF
 
     def _drain_lingering(self, conn: Connection) -> None:
         try:
@@ -433,4 +459,5 @@ class WorkerLoop:
     def _close(self, conn: Connection) -> None:
         self.conns.pop(conn.fd, None)
         self.lingering.pop(conn.fd, None)
+        self.polled.discard(conn.fd)
         conn.sock.close()  # closing the fd also removes it from the epoll set
