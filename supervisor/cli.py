@@ -67,9 +67,12 @@ def _run(config: Any, log: Any) -> int:
     if not subreaper:
         log.warning("not_a_subreaper", why="prctl(PR_SET_CHILD_SUBREAPER) failed: orphans of the app "
                     "will not be reaped by supervise")
-    if config.graceful_timeout >= DOCKER_STOP_TIMEOUT:
+    stop_budget = config.graceful_timeout + (config.consul_drain_delay if config.consul else 0.0)
+    if stop_budget >= DOCKER_STOP_TIMEOUT:
         log.warning("graceful_timeout_too_long", graceful_timeout=config.graceful_timeout,
-                    why="docker stop sends SIGKILL after 10 s by default; drains may be cut short")
+                    consul_drain_delay=config.consul_drain_delay if config.consul else None,
+                    why="docker stop sends SIGKILL after 10 s by default; drains may be cut short "
+                        "(lower --graceful-timeout or raise `docker stop --time`)")
     listeners, advertise_port = _bind_all(config, log)
     health = None
     health_url = None

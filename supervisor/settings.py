@@ -218,7 +218,7 @@ SETTINGS: tuple[Setting, ...] = (
       "json: one JSON object per line; console: human-readable. auto picks json unless stdout is a TTY.",
       "Logging", metavar="FORMAT"),
     # ---------------------------------------------------------------- lifecycle
-    S("graceful_timeout", duration, 8.0,
+    S("graceful_timeout", duration, 7.0,
       "How long draining workers may finish in-flight requests before they are killed. Keep it, plus "
       "--consul-drain-delay, under the container's stop timeout (Docker: 10 s).", "Lifecycle",
       metavar="DURATION"),

@@ -35,6 +35,7 @@ HEARTBEAT_INTERVAL = 1.0
 DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
 HEAD_TIMEOUT = 30.0  # a request head that stalls this long is dropped (slowloris)
 ACCEPT_BATCH = 16  # connections accepted per listener wakeup
+SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their timeout
 FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may take to send its request
 LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
 EXIT_BOOT_FAILED = 3
@@ -223,10 +224,10 @@ class WorkerLoop:
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
         next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        next_sweep = next_beat
         while not (self.draining and not self.conns and not self.owned):
             now = time.monotonic()
-            timeout = max(0.0, min(next_beat, self._next_timeout(now)) - now)
-            events = self.ep.poll(timeout)
+            events = self.ep.poll(max(0.0, min(next_beat, next_sweep) - now))
             for fd, mask in events:
                 if fd in self.conns:
                     self._on_readable(self.conns[fd])
@@ -242,7 +243,10 @@ class WorkerLoop:
             if now >= next_beat:
                 self.beat()
                 next_beat = now + HEARTBEAT_INTERVAL
-            self._expire(now)
+            if now >= next_sweep or self.draining:
+                # Timeouts are whole seconds: sweeping every connection on every event would make
+                # each request cost O(open connections).
+                next_sweep = max(self._expire(now), now + SWEEP_INTERVAL)
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
@@ -261,23 +265,22 @@ class WorkerLoop:
             return conn.last_active + HEAD_TIMEOUT
         return conn.last_active + (min(DRAIN_IDLE, self.idle_timeout) if self.draining else self.idle_timeout)
 
-    def _next_timeout(self, now: float) -> float:
-        deadlines = [self._expires_at(c) for fd, c in self.conns.items()
-                     if fd not in self.owned and fd not in self.lingering]
-        deadlines += self.lingering.values()
-        return min(deadlines) if deadlines else now + 3600
-
-    def _expire(self, now: float) -> None:
-        """Close idle keep-alive connections and stalled request heads past their timeout,
-        and finished lingerers."""
+    def _expire(self, now: float) -> float:
+        """Close idle keep-alive connections and stalled request heads past their timeout, and
+        finished lingerers.  Returns when the next one is due."""
+        due = now + HEARTBEAT_INTERVAL
         for fd, conn in list(self.conns.items()):
             if fd in self.owned:
                 continue
-            if fd in self.lingering:
-                if now >= self.lingering[fd]:
-                    self._close(conn)
-            elif now >= self._expires_at(conn):
+            deadline = self.lingering.get(fd) or self._expires_at(conn)
+            if now < deadline:
+                due = min(due, deadline)
+            elif fd in self.lingering:
+                self._close(conn)
+            else:
                 self._linger(conn, now)
+                due = min(due, now + LINGER)
+        return due
 
     # ------------------------------------------------------------------ events
     def _on_signals(self) -> None:

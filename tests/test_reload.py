@@ -42,11 +42,12 @@ def test_slow_request_in_flight_during_hup_completes_with_old_code(supervise, ap
     write_app(app_dir, "2")
     sv.signal(signal.SIGHUP)
     sv.wait_for("generation_ready", count=2)
-    assert http_get(sv.port)[1] == "version=2"
+    log = "\n".join(sv.raw[-40:])
+    assert http_get(sv.port)[1] == "version=2", log
     slow.join(10)
-    assert result == {"status": 200, "body": "version=1"}
+    assert result == {"status": 200, "body": "version=1"}, (result, log)
     finished = sv.wait_for("reload_finished")
-    assert finished["outcome"] == "succeeded" and finished["drained_requests"] >= 1
+    assert finished["outcome"] == "succeeded" and finished["drained_requests"] >= 1, (finished, log)
 
 
 def _broken_reload_then_fix(sv, app_dir, load: Load) -> None:
