@@ -22,7 +22,7 @@ class Channel:
     def send(self, **message: Any) -> bool:
         """Blocking send of one message.  False if the peer is gone."""
         try:
-            self.sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.sock.sendall(encode(message))
             return True
         except OSError:
             return False
@@ -59,6 +59,11 @@ class Channel:
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message on the wire: compact JSON and a newline."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def pair() -> tuple[socket.socket, socket.socket]:

@@ -2,9 +2,9 @@
 
 The master is single-threaded and forks workers, so the watchdog Observer (which
 runs threads) lives in a helper process forked from the master.  `helper_main`
-is that process's body; `spawn_helper` forks it.  The helper talks to the master
-over a connected AF_UNIX stream socket, one JSON object per line
-(`encode_message` / `MessageReader`).  Helper -> master:
+is that process's body (the master forks it through `supervisor.helpers.Helper`).
+It talks to the master over a connected AF_UNIX stream socket, one JSON object per
+line (`supervisor.channel`).  Helper -> master:
 
     {"event": "watching", "mode": "inotify"|"polling", "paths": [...],
      "touch_files": [...], "reason": str|null}
@@ -28,7 +28,6 @@ The master debounces `changed` messages with the pure `Debouncer`.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import queue
@@ -37,7 +36,6 @@ import socket
 import stat
 import threading
 import time
-import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -58,6 +56,8 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
 from watchdog.observers.polling import PollingObserverVFS
+
+from supervisor import channel
 
 try:  # watchdog >= 7: one inotify instance per observer, which we can wrap
     from watchdog.observers.inotify_c import InotifyFD
@@ -218,74 +218,6 @@ class Debouncer:
 
 
 # --------------------------------------------------------------------------- protocol
-
-
-def encode_message(message: dict[str, Any]) -> bytes:
-    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
-
-
-class MessageReader:
-    """Splits what recv() returned into messages.  Pure; keeps partial lines.
-
-    Lines that are not a JSON object are dropped and counted in `invalid`.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self.invalid = 0
-
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        messages = []
-        for line in lines:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                message = None
-            if isinstance(message, dict):
-                messages.append(message)
-            elif line.strip():
-                self.invalid += 1
-        return messages
-
-
-# --------------------------------------------------------------------------- helper process
-
-
-def spawn_helper(spec: WatchSpec) -> tuple[int, socket.socket]:
-    """Fork the helper; return its pid and the master's end of the socket.
-
-    The child closes every inherited descriptor except 0-2 and its socket, so
-    it holds no listening socket or worker pipe of the master.  The master's
-    end is close-on-exec but is inherited by forked workers: they must close it,
-    or the helper will not see EOF when the master dies.
-    """
-    master_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which never returns
-        os._exit(_helper_child(helper_end, spec))
-    helper_end.close()
-    return pid, master_end
-
-
-def _helper_child(sock: socket.socket, spec: WatchSpec) -> int:
-    try:
-        _reset_signals()
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, _max_fd())
-        helper_main(sock, spec)
-        return 0
-    except BaseException:
-        traceback.print_exc()
-        return 1
-
-
-def _max_fd() -> int:
-    try:
-        return os.sysconf("SC_OPEN_MAX")
-    except (ValueError, OSError):
-        return 65536
 
 
 class _Target(NamedTuple):
@@ -597,7 +529,7 @@ class _Helper:
             self._send({"event": "changed", "paths": paths})
 
     def _send(self, message: dict[str, Any]) -> None:
-        self._sock.sendall(encode_message(message))
+        self._sock.sendall(channel.encode(message))
 
 
 def _stop(observer: BaseObserver) -> None:
@@ -672,6 +604,6 @@ def helper_main(sock: socket.socket, spec: WatchSpec) -> None:
 
 def _last_words(sock: socket.socket, exc: Exception) -> None:
     try:
-        sock.sendall(encode_message({"event": "error", "message": f"{type(exc).__name__}: {exc}"}))
+        sock.sendall(channel.encode({"event": "error", "message": f"{type(exc).__name__}: {exc}"}))
     except OSError:
         pass

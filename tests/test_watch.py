@@ -18,7 +18,11 @@ import pytest
 
 from supervisor import watch
 from supervisor.settings import WATCH_EXCLUDE, WATCH_INCLUDE, resolve
-from supervisor.watch import Batch, Debouncer, MessageReader, WatchSpec, path_matches
+from supervisor import channel
+from tests.harness import wait_until
+from supervisor.channel import Channel
+from supervisor.helpers import Helper
+from supervisor.watch import Batch, Debouncer, WatchSpec, path_matches
 
 INCLUDE = tuple(WATCH_INCLUDE)
 EXCLUDE = tuple(WATCH_EXCLUDE)
@@ -129,15 +133,20 @@ def test_debouncer_max_wait_cuts_endless_burst() -> None:
 # --------------------------------------------------------------------------- protocol and spec
 
 
-def test_message_reader_handles_partial_lines() -> None:
-    reader = MessageReader()
-    data = watch.encode_message({"event": "changed", "paths": ["a"]}) + b"garbage\n"
-    data += watch.encode_message({"event": "watching"})
-    assert reader.feed(data[:5]) == []
-    assert reader.feed(data[5:-3]) == [{"event": "changed", "paths": ["a"]}]
-    assert reader.invalid == 1
-    assert reader.feed(data[-3:]) == [{"event": "watching"}]
-
+def test_channel_handles_partial_lines_and_garbage() -> None:
+    """The master's side of the helper protocol (supervisor.channel)."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    chan = Channel(ours)
+    data = channel.encode({"event": "changed", "paths": ["a"]}) + b"garbage\n" + channel.encode({"event": "watching"})
+    theirs.sendall(data[:5])
+    assert chan.receive() == []  # half a line is not a message
+    theirs.sendall(data[5:-3])
+    assert wait_until(lambda: chan.receive(), message="first message") == [{"event": "changed", "paths": ["a"]}]
+    theirs.sendall(data[-3:])
+    assert wait_until(lambda: chan.receive(), message="second message") == [{"event": "watching"}]
+    theirs.close()
+    wait_until(lambda: chan.receive() == [] and chan.closed, message="EOF")
 
 def test_spec_from_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -165,7 +174,8 @@ class HelperProcess:
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
         self.sock = sock
-        self.reader = MessageReader()
+        sock.setblocking(False)
+        self.chan = Channel(sock)
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
         self.backlog: list[dict[str, Any]] = []
@@ -178,9 +188,8 @@ class HelperProcess:
             left = deadline - time.monotonic()
             if left <= 0 or not self.selector.select(left):
                 return None
-            data = self.sock.recv(65536)
-            self.eof = not data
-            self.backlog += self.reader.feed(data)
+            self.backlog += self.chan.receive()
+            self.eof = self.chan.closed
         return self.backlog.pop(0) if self.backlog else None
 
     def wait_for(self, event: str, timeout: float = 5.0,
@@ -466,10 +475,13 @@ def test_touch_file_without_watch_paths(start_helper: Callable[..., HelperProces
     assert helper.wait_for("changed")["paths"] == [str(touch)]
 
 
-def test_spawned_helper_exits_when_master_closes_socket(app: Path) -> None:
+def test_helper_started_by_the_master_exits_when_master_closes_socket(app: Path) -> None:
+    """The product's path: supervisor.helpers.Helper forks helper_main (as the master does)."""
     spec = WatchSpec(paths=(str(app),), include=INCLUDE, exclude=EXCLUDE)
-    pid, sock = watch.spawn_helper(spec)
-    helper = HelperProcess(pid, sock)
+    started_helper = Helper("watcher", lambda sock: watch.helper_main(sock, spec))
+    started_helper.start(time.monotonic())
+    assert started_helper.pid is not None and started_helper.chan is not None
+    helper = HelperProcess(started_helper.pid, started_helper.chan.sock)
     helper.wait_for("watching")
     started = time.monotonic()
     assert helper.close(timeout=3.0) == 0
