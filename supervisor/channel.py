@@ -6,8 +6,12 @@ non-blocking and splits lines.  EOF means the other side is gone."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+from collections import deque
 from typing import Any
+
+MAX_FDS = 16  # descriptors accepted per read
 
 
 class Channel:
@@ -15,6 +19,7 @@ class Channel:
         self.sock = sock
         self._buf = b""
         self.closed = False
+        self.fds: deque[int] = deque()  # descriptors received (SCM_RIGHTS), in order
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -27,12 +32,25 @@ class Channel:
         except OSError:
             return False
 
+    def send_fd(self, fd: int, **message: Any) -> bool:
+        """Send one message carrying a descriptor (SCM_RIGHTS).  False if the peer is gone."""
+        blocking = self.sock.getblocking()
+        try:
+            self.sock.setblocking(True)
+            return socket.send_fds(self.sock, [encode(message)], [fd]) > 0
+        except OSError:
+            return False
+        finally:
+            if not self.closed:
+                self.sock.setblocking(blocking)
+
     def receive(self) -> list[dict[str, Any]]:
         """Read what is available (non-blocking socket) and return complete messages.
-        Sets `closed` on EOF."""
+        Descriptors that came along are queued in `fds`, in order.  Sets `closed` on EOF."""
         while True:
             try:
-                data = self.sock.recv(65536)
+                data, fds, _, _ = socket.recv_fds(self.sock, 65536, MAX_FDS)
+                self.fds.extend(fds)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -59,6 +77,8 @@ class Channel:
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+        while self.fds:
+            os.close(self.fds.popleft())
 
 
 def encode(message: dict[str, Any]) -> bytes:

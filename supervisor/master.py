@@ -238,9 +238,20 @@ class Master:
                 self.pool.ready(now, pid)
             elif kind == "boot_error":
                 self.pool.boot_error(now, pid, str(message.get("error", "")))
+            elif kind == "handoff" and chan.fds:
+                self._forward(pid, chan.fds.popleft())
         if chan.closed:
             self.sel.unregister(chan.sock)
             # keep the closed channel until the exit is reaped (its last messages are read)
+
+    def _forward(self, sender: int, fd: int) -> None:
+        """A draining worker accepted a connection too late: pass it to a worker of a newer
+        generation (or back to the sender, which still serves, when there is none)."""
+        target = self.pool.handoff_target(sender) or sender
+        chan = self.chans.get(target)
+        sent = chan is not None and chan.send_fd(fd, cmd="conn")
+        os.close(fd)
+        self.log.info("connection_forwarded", from_pid=sender, to_pid=target, sent=sent)
 
     def _reap(self, now: float) -> None:
         for pid, status in reaper.reap():

@@ -181,6 +181,17 @@ class Pool:
     def worker(self, pid: int) -> Worker | None:
         return self.workers.get(pid)
 
+    def handoff_target(self, sender: int) -> int | None:
+        """Who serves a connection that draining worker `sender` accepted too late: the
+        serving worker of the newest generation with the fewest requests, if it is newer."""
+        w = self.workers.get(sender)
+        candidates = [c for c in self.workers.values() if c.state == "serving"
+                      and (w is None or c.generation > w.generation)]
+        if not candidates:
+            return None
+        newest = max(c.generation for c in candidates)
+        return min((c for c in candidates if c.generation == newest), key=lambda c: c.requests).pid
+
     # ------------------------------------------------------------------ events
 
     def start(self, now: float, env: Mapping[str, str]) -> None:

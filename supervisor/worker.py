@@ -296,6 +296,8 @@ class WorkerLoop:
             if message.get("cmd") == "accept" and not self.draining:
                 self.accept_enabled = True
                 self._set_accepting(True)
+            elif message.get("cmd") == "conn" and self.chan.fds:
+                self._adopt(self.chan.fds.popleft())
         if self.chan.closed:
             self.ep.unregister(self.chan.fileno())
             self._begin_drain("master gone")
@@ -349,7 +351,32 @@ class WorkerLoop:
             except OSError as exc:  # EMFILE and friends: back off until the next wakeup
                 self.log.warning("accept_failed", error=str(exc))
                 return
+            # The check above leaves a window: descheduled between it and accept(), we may take
+            # a connection after the master told us to drain.  A signal sent before accept()
+            # returned has been delivered by now (on the syscall's return), so this second look
+            # is airtight: such a late connection goes back to the master, for the new generation.
+            self._on_signals()
+            if self.draining:
+                self._hand_off(sock)
+                return
             self._serve_new(sock, peer, tcp)
+
+    def _hand_off(self, sock: socket.socket) -> None:
+        """Give a connection accepted too late to the master (SCM_RIGHTS), which passes it to a
+        worker of the newest generation, so its client never gets the old code."""
+        sent = self.chan.send_fd(sock.fileno(), t="handoff")
+        self.log.info("connection_handed_off", sent=sent)
+        sock.close()  # our copy; the master holds its own
+
+    def _adopt(self, fd: int) -> None:
+        """Serve a connection another worker accepted too late (passed on by the master)."""
+        sock = socket.socket(fileno=fd)
+        try:
+            peer = sock.getpeername()
+        except OSError:  # the client is already gone
+            sock.close()
+            return
+        self._serve_new(sock, peer, sock.family != socket.AF_UNIX)
 
     def _serve_new(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
         sock.setblocking(False)

@@ -319,3 +319,14 @@ def test_rolling_failure_stops_rollout_and_keeps_serving():
     actions = sim.exit(bad, "exit 3")
     assert notes(actions, "reload_failed")
     assert all(s.serving is not None for s in sim.pool.slots), "every slot still has a serving worker"
+
+
+def test_a_late_connection_goes_to_the_newest_generation():
+    sim = running(2)
+    old = sim.pids_of(1)
+    sim.reload()
+    sim.ready_all(2)
+    new = sim.pids_of(2)
+    sim.pool.heartbeat(sim.now, new[0], requests=50)
+    assert sim.pool.handoff_target(old[0]) == new[1], "the less busy worker of generation 2"
+    assert sim.pool.handoff_target(new[0]) is None, "nothing newer than generation 2"
