@@ -48,7 +48,6 @@ import errno
 import ipaddress
 import json
 import multiprocessing as mp
-import os
 import selectors
 import socket
 import sys
@@ -107,7 +106,6 @@ def worker(idx: int, args: argparse.Namespace, queue: "mp.Queue") -> None:
     tl_err = [0] * nbuckets
 
     def fail(c: Conn, kind: str, now: float) -> None:
-        nonlocal attempts
         kind = f"{kind}/{'reused' if c.reused else 'fresh'}"
         errors[kind] = errors.get(kind, 0) + 1
         if len(samples) < MAX_ERROR_SAMPLES:
@@ -190,7 +188,6 @@ def worker(idx: int, args: argparse.Namespace, queue: "mp.Queue") -> None:
         send(c, now)
 
     def on_readable(c: Conn, now: float) -> None:
-        nonlocal ok
         try:
             data = c.sock.recv(65536)
         except ConnectionResetError:

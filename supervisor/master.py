@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import psutil
 

@@ -347,6 +347,37 @@ class Load:
         return f"{self.count()} requests, failures: {kinds}"
 
 
+def slow_in_background(port: int, seconds: float) -> tuple[threading.Thread, dict[str, Any]]:
+    """GET /slow?s=SECONDS in a thread; the dict gets `status` and `body`, or `error`."""
+    result: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            result["status"], result["body"] = http_get(port, f"/slow?s={seconds}", timeout=30)
+        except Exception as exc:  # the test decides whether a failure was expected
+            result["error"] = repr(exc)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread, result
+
+
+def hup_reloads_under_load(sv: Supervise, app_dir: Path, last: int = 11) -> tuple[Load, Load, list[str]]:
+    """Keep-alive and connection-per-request clients while the app goes to versions 2..last,
+    one SIGHUP each; every reload must succeed.  Returns both loads and the version order."""
+    order = ["version=1"]
+    with Load(sv.port, clients=6, keepalive=True) as ka, Load(sv.port, clients=4, keepalive=False) as nk:
+        ka.wait_requests(100)
+        for n in range(2, last + 1):
+            write_app(app_dir, str(n))
+            order.append(f"version={n}")
+            finished = sv.reload()
+            assert finished["outcome"] == "succeeded", finished
+            ka.wait_requests(30)
+            nk.wait_requests(10)
+    return ka, nk, order
+
+
 def assert_monotonic_versions(load: Load, order: list[str]) -> None:
     """Per client, the versions served only move forward through `order`."""
     rank = {v: i for i, v in enumerate(order)}

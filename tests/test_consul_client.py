@@ -32,7 +32,7 @@ from supervisor.consul import (
     parse_agent_address,
     service_registration,
 )
-from tests.consul_agent import ConsulAgent, consul_agent, consul_binary, wait_until  # noqa: F401
+from tests.consul_agent import ConsulAgent, wait_until  # fixtures come from tests/conftest.py
 
 HOST = socket.gethostname()
 TTL = 1.5  # short TTL: heartbeats every 0.5 s, the "alive" window is 0.75 s

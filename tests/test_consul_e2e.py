@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 from tests.consul_agent import ConsulAgent, wait_until
-from tests.harness import Load, Supervise, assert_monotonic_versions, http_get, slow_started, write_app
+from tests.harness import (Load, Supervise, assert_monotonic_versions, http_get, hup_reloads_under_load,
+                           slow_started, write_app)
 
 pytestmark = pytest.mark.consul
 
@@ -215,18 +216,9 @@ def test_ten_hups_under_load_keep_the_instance_passing(supervise, app_dir, consu
     sv = start(supervise, app_dir, consul_agent).ready()
     sid = service_id(sv)
     wait_passing(consul_agent, sid)
-    order = ["version=1"]
     with Sampler(consul_agent) as sampler:
         reloads_began = time.time()
-        with Load(sv.port, clients=6, keepalive=True) as ka, Load(sv.port, clients=4, keepalive=False) as nk:
-            ka.wait_requests(100)
-            for n in range(2, 12):
-                write_app(app_dir, str(n))
-                order.append(f"version={n}")
-                finished = sv.reload()
-                assert finished["outcome"] == "succeeded", finished
-                ka.wait_requests(30)
-                nk.wait_requests(10)
+        ka, nk, order = hup_reloads_under_load(sv, app_dir)
         # A heartbeat after the last reload carries its note: the registration lived through all ten.
         wait_until(lambda: "generation 11 serving" in (agent_check(consul_agent, f"service:{sid}") or {})
                    .get("Output", ""), 10, "the note of generation 11 in the check output")

@@ -5,32 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 from datetime import datetime
 
 import psutil
 
-from tests.harness import http_get, slow_started, wait_until, write_app
-
-
-def _slow_in_background(port: int, seconds: float) -> tuple[threading.Thread, dict]:
-    result: dict = {}
-
-    def go() -> None:
-        try:
-            result["status"], result["body"] = http_get(port, f"/slow?s={seconds}", timeout=30)
-        except Exception as exc:
-            result["error"] = repr(exc)
-
-    thread = threading.Thread(target=go)
-    thread.start()
-    return thread, result
+from tests.harness import http_get, slow_in_background, slow_started, wait_until, write_app
 
 
 def test_sigterm_lets_a_slow_request_finish_then_exits_zero(supervise, app_dir):
     sv = supervise("app", "-w", "2", "--chdir", str(app_dir), "--no-watch", "--graceful-timeout", "6").ready()
-    thread, result = _slow_in_background(sv.port, 2)
+    thread, result = slow_in_background(sv.port, 2)
     slow_started(app_dir)
     started = time.monotonic()
     sv.signal(signal.SIGTERM)
@@ -62,7 +47,7 @@ def test_keepalive_client_gets_connection_close_on_its_last_response(supervise, 
 
 def test_graceful_timeout_kills_a_request_that_is_too_slow(supervise, app_dir):
     sv = supervise("app", "-w", "1", "--chdir", str(app_dir), "--no-watch", "--graceful-timeout", "1").ready()
-    thread, result = _slow_in_background(sv.port, 20)
+    thread, result = slow_in_background(sv.port, 20)
     slow_started(app_dir)
     sv.signal(signal.SIGTERM)
     assert sv.wait(10) == 0
@@ -73,7 +58,7 @@ def test_graceful_timeout_kills_a_request_that_is_too_slow(supervise, app_dir):
 
 def test_sigquit_is_a_fast_shutdown(supervise, app_dir):
     sv = supervise("app", "-w", "2", "--chdir", str(app_dir), "--no-watch", "--graceful-timeout", "20").ready()
-    thread, _ = _slow_in_background(sv.port, 20)
+    thread, _ = slow_in_background(sv.port, 20)
     slow_started(app_dir)
     started = time.monotonic()
     sv.signal(signal.SIGQUIT)
@@ -84,7 +69,7 @@ def test_sigquit_is_a_fast_shutdown(supervise, app_dir):
 
 def test_second_sigterm_during_shutdown_is_fast(supervise, app_dir):
     sv = supervise("app", "-w", "1", "--chdir", str(app_dir), "--no-watch", "--graceful-timeout", "20").ready()
-    thread, _ = _slow_in_background(sv.port, 20)
+    thread, _ = slow_in_background(sv.port, 20)
     slow_started(app_dir)
     started = time.monotonic()
     sv.signal(signal.SIGTERM)

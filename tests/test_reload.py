@@ -8,23 +8,15 @@ import time
 
 import psutil
 
-from tests.harness import Load, assert_monotonic_versions, http_get, slow_started, wait_until, write_app
+from tests.harness import (Load, assert_monotonic_versions, http_get, hup_reloads_under_load, slow_in_background,
+                           slow_started, wait_until, write_app)
 
 BROKEN_IMPORT = 'raise RuntimeError("broken deploy")'
 
 
 def test_ten_hups_under_load_zero_failures_and_versions_only_move_forward(supervise, app_dir):
     sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
-    order = ["version=1"]
-    with Load(sv.port, clients=6, keepalive=True) as ka, Load(sv.port, clients=4, keepalive=False) as nk:
-        ka.wait_requests(100)
-        for n in range(2, 12):
-            write_app(app_dir, str(n))
-            order.append(f"version={n}")
-            finished = sv.reload()
-            assert finished["outcome"] == "succeeded", finished
-            ka.wait_requests(30)
-            nk.wait_requests(10)
+    ka, nk, order = hup_reloads_under_load(sv, app_dir)
     for load in (ka, nk):
         assert load.count() > 500
         assert not load.failures(), load.summary()
@@ -35,9 +27,7 @@ def test_ten_hups_under_load_zero_failures_and_versions_only_move_forward(superv
 
 def test_slow_request_in_flight_during_hup_completes_with_old_code(supervise, app_dir):
     sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
-    result: dict[str, object] = {}
-    slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), http_get(sv.port, "/slow?s=3"))))
-    slow.start()
+    slow, result = slow_in_background(sv.port, 3)
     slow_started(app_dir)
     write_app(app_dir, "2")
     sv.signal(signal.SIGHUP)
@@ -141,9 +131,7 @@ def _settled(sv) -> bool:
 
 def test_sigterm_in_the_middle_of_a_reload_exits_zero_and_finishes_requests(supervise, app_dir):
     sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch").ready()
-    result: dict[str, object] = {}
-    slow = threading.Thread(target=lambda: result.update(zip(("status", "body"), http_get(sv.port, "/slow?s=2"))))
-    slow.start()
+    slow, result = slow_in_background(sv.port, 2)
     slow_started(app_dir)
     write_app(app_dir, "2", extra="time.sleep(5)")  # the new generation is still booting...
     sv.signal(signal.SIGHUP)

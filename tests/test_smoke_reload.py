@@ -1,5 +1,3 @@
-import signal
-
 from tests.harness import Load, assert_monotonic_versions, write_app
 
 

@@ -2,7 +2,6 @@
 
 import os
 import time
-from pathlib import Path
 
 from tests.harness import Load, assert_monotonic_versions, wait_until, write_app
 

@@ -58,26 +58,24 @@ class Closeable:
             CLOSED[self.token] = CLOSED.get(self.token, 0) + 1
 
 
-class RecordingFile(io.FileIO):
+class _RecordsClose:
+    """Mixin: count close() per token (the server must close what it was given)."""
+
+    token = ""
+
+    def close(self) -> None:
+        if not self.closed:  # type: ignore[attr-defined]
+            with LOCK:
+                CLOSED[self.token] = CLOSED.get(self.token, 0) + 1
+        super().close()  # type: ignore[misc]
+
+
+class RecordingFile(_RecordsClose, io.FileIO):
     """A real file (has a descriptor, so sendfile applies) whose close() is recorded."""
 
-    token = ""
 
-    def close(self) -> None:
-        if not self.closed:
-            with LOCK:
-                CLOSED[self.token] = CLOSED.get(self.token, 0) + 1
-        super().close()
-
-
-class RecordingBytesIO(io.BytesIO):
-    token = ""
-
-    def close(self) -> None:
-        if not self.closed:
-            with LOCK:
-                CLOSED[self.token] = CLOSED.get(self.token, 0) + 1
-        super().close()
+class RecordingBytesIO(_RecordsClose, io.BytesIO):
+    """An in-memory file (no descriptor: the server iterates it) whose close() is recorded."""
 
 
 def _read_body(inp, mode: str, n: int) -> bytes:
