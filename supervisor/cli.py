@@ -12,8 +12,8 @@ import sys
 import traceback
 from typing import Any, Sequence
 
-from supervisor import logs, reaper, settings, sockets
-from supervisor.settings import ConfigError
+from supervisor import logs, proc, settings, sockets
+from supervisor.settings import Config, ConfigError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_BOOT, EXIT_BIND, EXIT_KV = 0, 1, 2, 3, 4, 5
 DOCKER_STOP_TIMEOUT = 10.0
@@ -46,22 +46,29 @@ class _KVError(Exception):
     pass
 
 
-def _validate(config: Any) -> None:
+def _validate(config: Config) -> None:
     if config.chdir and not os.path.isdir(config.chdir):
         raise ConfigError(f"invalid value for --chdir: {config.chdir!r} is not a directory")
     if config.consul_kv_prefix and not config.consul:
         raise ConfigError("--consul-kv-prefix needs --consul (or CONSUL_HTTP_ADDR)")
     if config.consul and config.consul_check == "http" and not config.health_bind:
         raise ConfigError("--consul-check http needs --health-bind (the agent polls it)")
+    if config.consul:
+        from supervisor.consul.spec import parse_agent_address
+
+        try:
+            parse_agent_address(config.consul)
+        except ValueError as exc:
+            raise ConfigError(f"invalid value for --consul: {exc}") from None
     for path in config.watch:
         if not os.path.isdir(path):
             raise ConfigError(f"invalid value for --watch: {path!r} is not a directory")
 
 
-def _run(config: Any, log: Any) -> int:
-    from supervisor.master import Master  # after config: keep `--help` and errors fast
+def _run(config: Config, log: Any) -> int:
+    from supervisor.master.loop import Master  # after config: keep `--help` and errors fast
 
-    subreaper = reaper.become_subreaper()
+    subreaper = proc.become_subreaper()
     log.info("started", version=settings._version(), app=config.app, workers=config.workers,
              threads=config.threads, pid1=os.getpid() == 1, subreaper=subreaper)
     if not subreaper:
@@ -84,14 +91,34 @@ def _run(config: Any, log: Any) -> int:
         host = real.host if real.host not in ("0.0.0.0", "::") else "127.0.0.1"
         health_url = f"http://{config.consul_address or host}:{real.port}/health"
     env = _initial_env(config, log)
-    master = Master(config, listeners, health, env, advertise_port, health_url)
+    master = Master(config, listeners, health, env, _helpers(config, advertise_port, health_url))
     result = master.run()
     if result.code == EXIT_BOOT:
         logs.error_line(f"the app cannot boot: {result.reason}")
     return result.code
 
 
-def _bind_all(config: Any, log: Any) -> tuple[list[socket.socket], int]:
+def _helpers(config: Config, advertise_port: int, health_url: str | None) -> dict[str, Any]:
+    """The helper processes this configuration needs, by name, with their bodies."""
+    from supervisor.lifecycle.core import CONSUL, WATCHER
+    from supervisor.watch.spec import spec_from_config
+
+    helpers: dict[str, Any] = {}
+    watch_spec = spec_from_config(config)  # before anything changes directory: paths become absolute
+    if watch_spec is not None:
+        from supervisor.watch import helper as watcher
+
+        helpers[WATCHER] = lambda sock: watcher.helper_main(sock, watch_spec)
+    if config.consul:
+        from supervisor.consul import helper as consul
+        from supervisor.consul.spec import ConsulSpec
+
+        consul_spec = ConsulSpec.from_config(config, advertise_port, health_url)
+        helpers[CONSUL] = lambda sock: consul.helper_main(sock, consul_spec)
+    return helpers
+
+
+def _bind_all(config: Config, log: Any) -> tuple[list[socket.socket], int]:
     listeners: list[socket.socket] = []
     port = 0
     try:
@@ -109,15 +136,16 @@ def _bind_all(config: Any, log: Any) -> tuple[list[socket.socket], int]:
     return listeners, port
 
 
-def _initial_env(config: Any, log: Any) -> dict[str, str]:
+def _initial_env(config: Config, log: Any) -> dict[str, str]:
     """Environment for the first generation: Consul KV under the prefix, when configured."""
     if not (config.consul and config.consul_kv_prefix):
         return {}
-    from supervisor import consul
+    from supervisor.consul.spec import ConsulError, ConsulSpec
+    from supervisor.consul.startup import fetch_kv_env
 
     try:
-        env = consul.fetch_kv_env(config)
-    except consul.ConsulError as exc:
+        env = fetch_kv_env(ConsulSpec.from_config(config))
+    except ConsulError as exc:
         if config.consul_kv_required:
             raise _KVError(f"cannot read Consul KV {config.consul_kv_prefix!r}: {exc}") from None
         log.warning("consul_kv_unavailable", prefix=config.consul_kv_prefix, error=str(exc),

@@ -11,11 +11,10 @@ Precedence: command line, then environment, then default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Sequence
 
 
@@ -139,6 +138,8 @@ def _cpu_count() -> int:
 
 @dataclass(frozen=True)
 class Setting:
+    """How one Config field is set: its flags, environment variables, parser and help."""
+
     name: str
     parse: Callable[[str], Any]
     default: Any
@@ -160,7 +161,7 @@ class Setting:
 
     def default_value(self) -> Any:
         value = self.default() if callable(self.default) else self.default
-        return list(value) if self.multiple else value
+        return tuple(value) if self.multiple else value
 
     def describe_default(self) -> str:
         if self.default_doc is not None:
@@ -170,141 +171,193 @@ class Setting:
             return "unset"
         if isinstance(value, bool):
             return "on" if value else "off"
-        if isinstance(value, list):
+        if isinstance(value, tuple):
             return ", ".join(str(v) for v in value)
         return str(value)
 
 
-def S(name: str, parse: Callable[[str], Any], default: Any, help: str, section: str, **kw: Any) -> Setting:
-    return Setting(name=name, parse=parse, default=default, help=help, section=section, **kw)
+_SETTING = "setting"
 
 
-WATCH_INCLUDE = ["*.py", "*.html", "*.json", "*.yaml", "*.yml", "*.toml", "*.ini", "*.cfg"]
-WATCH_EXCLUDE = [".git/", "__pycache__/", "*.pyc", "*.log", "*.swp", "*~", ".#*", "node_modules/"]
+def setting(parse: Callable[[str], Any], default: Any, help: str, section: str, **kw: Any) -> Any:
+    """A Config field declared with everything about its setting (the name is the field's)."""
+    meta = {_SETTING: dict(parse=parse, default=default, help=help, section=section, **kw)}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    if kw.get("multiple"):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
-SETTINGS: tuple[Setting, ...] = (
+
+WATCH_INCLUDE = ("*.py", "*.html", "*.json", "*.yaml", "*.yml", "*.toml", "*.ini", "*.cfg")
+WATCH_EXCLUDE = (".git/", "__pycache__/", "*.pyc", "*.log", "*.swp", "*~", ".#*", "node_modules/")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved settings: each field is declared once, here, with its setting."""
+
     # ---------------------------------------------------------------- application
-    S("app", parse_app, None, "The WSGI application: MODULE (callable `application`) or MODULE:CALLABLE.",
-      "Application", positional=True, metavar="APP"),
-    S("chdir", path_value, None,
-      "Code directory. Workers resolve its real path at start (so a re-pointed symlink takes effect on the "
-      "next generation), chdir into it and put it first on sys.path. Watched for changes by default.",
-      "Application", metavar="DIR"),
-    S("env", key_value, [], "Extra environment variable for the workers, KEY=VALUE (repeatable).",
-      "Application", multiple=True, metavar="KEY=VALUE"),
+    app: str = setting(
+        parse_app, "", "The WSGI application: MODULE (callable `application`) or MODULE:CALLABLE.",
+        "Application", positional=True, metavar="APP", default_doc="required")
+    chdir: str | None = setting(
+        path_value, None,
+        "Code directory. Workers resolve its real path at start (so a re-pointed symlink takes effect on the "
+        "next generation), chdir into it and put it first on sys.path. Watched for changes by default.",
+        "Application", metavar="DIR")
+    env: tuple[tuple[str, str], ...] = setting(
+        key_value, (), "Extra environment variable for the workers, KEY=VALUE (repeatable).",
+        "Application", multiple=True, metavar="KEY=VALUE")
     # ---------------------------------------------------------------- server
-    S("bind", parse_bind, ["127.0.0.1:8000"],
-      "Address to listen on (repeatable): HOST:PORT, [IPv6]:PORT or unix:/path. Port 0 picks a free port; "
-      "the real one is logged in the `bound` event. Bound once by the master and inherited by every generation.",
-      "Server", flags=("-b", "--bind"), multiple=True, metavar="ADDRESS"),
-    S("backlog", positive_int, 2048, "Listen queue length of each bound socket.", "Server", metavar="N"),
-    S("workers", positive_int, _cpu_count, "Number of worker processes per generation.", "Server",
-      flags=("-w", "--workers"), metavar="N", default_doc="number of usable CPUs"),
-    S("threads", positive_int, 1,
-      "Threads per worker that run the application. With 1 the app runs on the worker's event loop thread.",
-      "Server", metavar="N"),
-    S("keepalive_timeout", duration, 5.0, "Close a keep-alive connection idle this long.", "Server",
-      flags=("--keepalive-timeout",), metavar="DURATION"),
-    S("limit_request_line", positive_int, 8190, "Longest request line (method, target, version) in bytes; "
-      "longer gets 414.", "Server", metavar="BYTES"),
-    S("limit_request_headers", size, 65536, "Largest request head (request line and headers) in bytes; "
-      "larger gets 431.", "Server", metavar="SIZE"),
-    S("limit_request_body", size, 100 * 1024 * 1024, "Largest request body; larger gets 413. 0 means no "
-      "limit.", "Server", metavar="SIZE", default_doc="100M"),
-    S("access_log", boolean, False, "Log one `request` event per request.", "Logging", switch=True),
-    S("log_level", choice("debug", "info", "warning", "error"), "info", "Lowest level logged.", "Logging",
-      metavar="LEVEL"),
-    S("log_format", choice("auto", "json", "console"), "auto",
-      "json: one JSON object per line; console: human-readable. auto picks json unless stdout is a TTY.",
-      "Logging", metavar="FORMAT"),
+    bind: tuple[str, ...] = setting(
+        parse_bind, ("127.0.0.1:8000",),
+        "Address to listen on (repeatable): HOST:PORT, [IPv6]:PORT or unix:/path. Port 0 picks a free port; "
+        "the real one is logged in the `bound` event. Bound once by the master and inherited by every "
+        "generation.", "Server", flags=("-b", "--bind"), multiple=True, metavar="ADDRESS")
+    backlog: int = setting(positive_int, 2048, "Listen queue length of each bound socket.", "Server",
+                           metavar="N")
+    workers: int = setting(positive_int, _cpu_count, "Number of worker processes per generation.", "Server",
+                           flags=("-w", "--workers"), metavar="N", default_doc="number of usable CPUs")
+    threads: int = setting(
+        positive_int, 1,
+        "Threads per worker that run the application. With 1 the app runs on the worker's event loop thread.",
+        "Server", metavar="N")
+    keepalive_timeout: float = setting(duration, 5.0, "Close a keep-alive connection idle this long.",
+                                       "Server", metavar="DURATION")
+    limit_request_line: int = setting(
+        positive_int, 8190, "Longest request line (method, target, version) in bytes; longer gets 414.",
+        "Server", metavar="BYTES")
+    limit_request_headers: int = setting(
+        size, 65536, "Largest request head (request line and headers) in bytes; larger gets 431.", "Server",
+        metavar="SIZE")
+    limit_request_body: int = setting(
+        size, 100 * 1024 * 1024, "Largest request body; larger gets 413. 0 means no limit.", "Server",
+        metavar="SIZE", default_doc="100M")
+    access_log: bool = setting(boolean, False, "Log one `request` event per request.", "Logging",
+                               switch=True)
+    log_level: str = setting(choice("debug", "info", "warning", "error"), "info", "Lowest level logged.",
+                             "Logging", metavar="LEVEL")
+    log_format: str = setting(
+        choice("auto", "json", "console"), "auto",
+        "json: one JSON object per line; console: human-readable. auto picks json unless stdout is a TTY.",
+        "Logging", metavar="FORMAT")
     # ---------------------------------------------------------------- lifecycle
-    S("graceful_timeout", duration, 7.0,
-      "How long draining workers may finish in-flight requests before they are killed. Keep it, plus "
-      "--consul-drain-delay, under the container's stop timeout (Docker: 10 s).", "Lifecycle",
-      metavar="DURATION"),
-    S("boot_timeout", positive_duration, 30.0,
-      "How long a new worker may take to import the app and report ready. A first generation that misses "
-      "it makes supervise exit 3; a reload that misses it is abandoned and the old generation keeps serving.",
-      "Lifecycle", metavar="DURATION"),
-    S("worker_timeout", duration, 30.0, "Kill and replace a worker whose heartbeat is silent this long. "
-      "0 disables.", "Lifecycle", metavar="DURATION"),
-    S("reload_strategy", choice("generation", "rolling"), "generation",
-      "generation: the whole new generation is ready before the old one drains. rolling: one worker at a "
-      "time, never more than workers+1 alive.", "Lifecycle", metavar="STRATEGY"),
-    S("max_requests", non_negative_int, 0, "Recycle a worker after this many requests (0: never). The "
-      "replacement is ready before the old worker retires.", "Lifecycle", metavar="N"),
-    S("max_requests_jitter", non_negative_int, 0, "Add a random 0..N to --max-requests per worker so "
-      "workers do not all recycle at once.", "Lifecycle", metavar="N"),
-    S("max_rss", size, 0, "Recycle a worker whose resident memory exceeds this (0: never), e.g. 512M. "
-      "Checked by the master every few seconds.", "Lifecycle", metavar="SIZE"),
-    S("health_bind", parse_bind, None,
-      "Address of the master's health endpoint (GET /health: 200 while a generation is ready, 503 once "
-      "shutdown begins; JSON state). Used by Docker HEALTHCHECK and Consul HTTP checks.", "Lifecycle",
-      metavar="ADDRESS"),
+    graceful_timeout: float = setting(
+        duration, 7.0,
+        "How long draining workers may finish in-flight requests before they are killed. Keep it, plus "
+        "--consul-drain-delay, under the container's stop timeout (Docker: 10 s).", "Lifecycle",
+        metavar="DURATION")
+    boot_timeout: float = setting(
+        positive_duration, 30.0,
+        "How long a new worker may take to import the app and report ready. A first generation that misses "
+        "it makes supervise exit 3; a reload that misses it is abandoned and the old generation keeps "
+        "serving.", "Lifecycle", metavar="DURATION")
+    worker_timeout: float = setting(
+        duration, 30.0, "Kill and replace a worker whose heartbeat is silent this long. 0 disables.",
+        "Lifecycle", metavar="DURATION")
+    reload_strategy: str = setting(
+        choice("generation", "rolling"), "generation",
+        "generation: the whole new generation is ready before the old one drains. rolling: one worker at a "
+        "time, never more than workers+1 alive.", "Lifecycle", metavar="STRATEGY")
+    max_requests: int = setting(
+        non_negative_int, 0, "Recycle a worker after this many requests (0: never). The replacement is "
+        "ready before the old worker retires.", "Lifecycle", metavar="N")
+    max_requests_jitter: int = setting(
+        non_negative_int, 0, "Add a random 0..N to --max-requests per worker so workers do not all recycle "
+        "at once.", "Lifecycle", metavar="N")
+    max_rss: int = setting(
+        size, 0, "Recycle a worker whose resident memory exceeds this (0: never), e.g. 512M. Checked by the "
+        "master every few seconds.", "Lifecycle", metavar="SIZE")
+    health_bind: str | None = setting(
+        parse_bind, None,
+        "Address of the master's health endpoint (GET /health: 200 while a generation is ready, 503 once "
+        "shutdown begins; JSON state). Used by Docker HEALTHCHECK and Consul HTTP checks.", "Lifecycle",
+        metavar="ADDRESS")
     # ---------------------------------------------------------------- watch
-    S("watch", path_value, [], "Directory to watch for code changes (repeatable). Defaults to --chdir "
-      "when one is given.", "Code watcher", multiple=True, metavar="PATH"),
-    S("no_watch", boolean, False, "Do not watch for code changes.", "Code watcher", switch=True),
-    S("watch_include", text_value, WATCH_INCLUDE, "Glob of files whose change triggers a reload "
-      "(repeatable; replaces the default list).", "Code watcher", multiple=True, metavar="GLOB"),
-    S("watch_exclude", text_value, WATCH_EXCLUDE, "Glob of paths never to react to (repeatable; replaces "
-      "the default list). A pattern ending in / excludes a directory at any depth.", "Code watcher",
-      multiple=True, metavar="GLOB"),
-    S("watch_debounce", duration, 0.3,
-      "Quiet time after the last change of a burst before the reload starts.", "Code watcher",
-      metavar="DURATION"),
-    S("watch_poll", boolean, False, "Poll the file system instead of using inotify (for mounts that "
-      "deliver no events).", "Code watcher", switch=True),
-    S("watch_poll_interval", positive_duration, 1.0, "Polling interval with --watch-poll or the "
-      "automatic polling fallback.", "Code watcher", metavar="DURATION"),
-    S("touch_reload", path_value, [], "Reload when this file's mtime changes (repeatable). Works with "
-      "--no-watch.", "Code watcher", multiple=True, metavar="FILE"),
+    watch: tuple[str, ...] = setting(
+        path_value, (), "Directory to watch for code changes (repeatable). Defaults to --chdir when one is "
+        "given.", "Code watcher", multiple=True, metavar="PATH")
+    no_watch: bool = setting(boolean, False, "Do not watch for code changes.", "Code watcher", switch=True)
+    watch_include: tuple[str, ...] = setting(
+        text_value, WATCH_INCLUDE, "Glob of files whose change triggers a reload (repeatable; replaces the "
+        "default list).", "Code watcher", multiple=True, metavar="GLOB")
+    watch_exclude: tuple[str, ...] = setting(
+        text_value, WATCH_EXCLUDE, "Glob of paths never to react to (repeatable; replaces the default "
+        "list). A pattern ending in / excludes a directory at any depth.", "Code watcher", multiple=True,
+        metavar="GLOB")
+    watch_debounce: float = setting(
+        duration, 0.3, "Quiet time after the last change of a burst before the reload starts.",
+        "Code watcher", metavar="DURATION")
+    watch_poll: bool = setting(
+        boolean, False, "Poll the file system instead of using inotify (for mounts that deliver no events).",
+        "Code watcher", switch=True)
+    watch_poll_interval: float = setting(
+        positive_duration, 1.0, "Polling interval with --watch-poll or the automatic polling fallback.",
+        "Code watcher", metavar="DURATION")
+    touch_reload: tuple[str, ...] = setting(
+        path_value, (), "Reload when this file's mtime changes (repeatable). Works with --no-watch.",
+        "Code watcher", multiple=True, metavar="FILE")
     # ---------------------------------------------------------------- consul
-    S("consul", text_value, None, "Consul agent address (host:port or http://host:port). Enables Consul.",
-      "Consul", env=("SUPERVISE_CONSUL", "CONSUL_HTTP_ADDR"), metavar="ADDRESS"),
-    S("consul_token", text_value, None, "ACL token.", "Consul",
-      env=("SUPERVISE_CONSUL_TOKEN", "CONSUL_HTTP_TOKEN"), metavar="TOKEN"),
-    S("consul_dc", text_value, None, "Datacenter.", "Consul", metavar="DC"),
-    S("consul_timeout", positive_duration, 5.0, "Timeout of every Consul HTTP call.", "Consul",
-      metavar="DURATION"),
-    S("consul_service", text_value, None, "Service name to register.", "Consul", metavar="NAME",
-      default_doc="the app's top-level module name"),
-    S("consul_service_id", text_value, None, "Service ID.", "Consul", metavar="ID",
-      default_doc="NAME-HOSTNAME-PORT"),
-    S("consul_tag", text_value, [], "Service tag (repeatable).", "Consul", multiple=True, metavar="TAG"),
-    S("consul_meta", key_value, [], "Service meta KEY=VALUE (repeatable).", "Consul", multiple=True,
-      metavar="KEY=VALUE"),
-    S("consul_address", text_value, None, "Address to advertise.", "Consul", metavar="HOST",
-      default_doc="the agent's address for this node"),
-    S("consul_port", non_negative_int, None, "Port to advertise.", "Consul", metavar="PORT",
-      default_doc="the first --bind port"),
-    S("consul_check", choice("ttl", "http"), "ttl",
-      "ttl: the master sends heartbeats. http: the agent polls --health-bind.", "Consul", metavar="KIND"),
-    S("consul_ttl", positive_duration, 10.0, "TTL of the ttl check; heartbeats go at a third of it.",
-      "Consul", metavar="DURATION"),
-    S("consul_check_interval", positive_duration, 5.0, "Interval of the http check.", "Consul",
-      metavar="DURATION"),
-    S("consul_deregister_after", positive_duration, 60.0,
-      "DeregisterCriticalServiceAfter: the agent removes an instance critical this long (minimum 1m).",
-      "Consul", metavar="DURATION"),
-    S("consul_on_stop", choice("deregister", "maintenance"), "deregister",
-      "What shutdown does first: remove the instance, or put it in maintenance.", "Consul", metavar="MODE"),
-    S("consul_drain_delay", duration, 2.0,
-      "Wait after deregistering before draining, so DNS caches and load balancers stop sending traffic.",
-      "Consul", metavar="DURATION"),
-    S("consul_kv_prefix", text_value, None,
-      "Load every key under this KV prefix into the workers' environment before the first generation; "
-      "a change reloads gracefully with the new environment.", "Consul", metavar="PREFIX"),
-    S("consul_kv_required", boolean, False, "Exit (code 5) when the KV prefix cannot be read at start.",
-      "Consul", switch=True),
-)
+    consul: str | None = setting(
+        text_value, None, "Consul agent address (host:port or http://host:port). Enables Consul.", "Consul",
+        env=("SUPERVISE_CONSUL", "CONSUL_HTTP_ADDR"), metavar="ADDRESS")
+    consul_token: str | None = setting(text_value, None, "ACL token.", "Consul",
+                                       env=("SUPERVISE_CONSUL_TOKEN", "CONSUL_HTTP_TOKEN"), metavar="TOKEN")
+    consul_cacert: str | None = setting(
+        path_value, None, "CA certificate (PEM) that verifies an https agent address.", "Consul",
+        env=("SUPERVISE_CONSUL_CACERT", "CONSUL_CACERT"), metavar="FILE",
+        default_doc="the system's CAs (CONSUL_HTTP_SSL_VERIFY=false turns verification off)")
+    consul_client_cert: str | None = setting(
+        path_value, None, "Client certificate (PEM) for an agent that verifies clients; needs "
+        "--consul-client-key.", "Consul", env=("SUPERVISE_CONSUL_CLIENT_CERT", "CONSUL_CLIENT_CERT"),
+        metavar="FILE")
+    consul_client_key: str | None = setting(
+        path_value, None, "Private key (PEM) of --consul-client-cert.", "Consul",
+        env=("SUPERVISE_CONSUL_CLIENT_KEY", "CONSUL_CLIENT_KEY"), metavar="FILE")
+    consul_dc: str | None = setting(text_value, None, "Datacenter.", "Consul", metavar="DC")
+    consul_timeout: float = setting(positive_duration, 5.0, "Timeout of every Consul HTTP call.", "Consul",
+                                    metavar="DURATION")
+    consul_service: str | None = setting(text_value, None, "Service name to register.", "Consul",
+                                         metavar="NAME", default_doc="the app's top-level module name")
+    consul_service_id: str | None = setting(text_value, None, "Service ID.", "Consul", metavar="ID",
+                                            default_doc="NAME-HOSTNAME-PORT")
+    consul_tag: tuple[str, ...] = setting(text_value, (), "Service tag (repeatable).", "Consul", multiple=True,
+                                          metavar="TAG")
+    consul_meta: tuple[tuple[str, str], ...] = setting(
+        key_value, (), "Service meta KEY=VALUE (repeatable).", "Consul", multiple=True, metavar="KEY=VALUE")
+    consul_address: str | None = setting(text_value, None, "Address to advertise.", "Consul", metavar="HOST",
+                                         default_doc="the agent's address for this node")
+    consul_port: int | None = setting(non_negative_int, None, "Port to advertise.", "Consul", metavar="PORT",
+                                      default_doc="the first --bind port")
+    consul_check: str = setting(
+        choice("ttl", "http"), "ttl", "ttl: the master sends heartbeats. http: the agent polls --health-bind.",
+        "Consul", metavar="KIND")
+    consul_ttl: float = setting(positive_duration, 10.0, "TTL of the ttl check; heartbeats go at a third "
+                                "of it.", "Consul", metavar="DURATION")
+    consul_check_interval: float = setting(positive_duration, 5.0, "Interval of the http check.", "Consul",
+                                           metavar="DURATION")
+    consul_deregister_after: float = setting(
+        positive_duration, 60.0,
+        "DeregisterCriticalServiceAfter: the agent removes an instance critical this long (minimum 1m).",
+        "Consul", metavar="DURATION")
+    consul_on_stop: str = setting(
+        choice("deregister", "maintenance"), "deregister",
+        "What shutdown does first: remove the instance, or put it in maintenance.", "Consul", metavar="MODE")
+    consul_drain_delay: float = setting(
+        duration, 2.0,
+        "Wait after deregistering before draining, so DNS caches and load balancers stop sending traffic.",
+        "Consul", metavar="DURATION")
+    consul_kv_prefix: str | None = setting(
+        text_value, None,
+        "Load every key under this KV prefix into the workers' environment before the first generation; a "
+        "change reloads gracefully with the new environment.", "Consul", metavar="PREFIX")
+    consul_kv_required: bool = setting(boolean, False, "Exit (code 5) when the KV prefix cannot be read at "
+                                       "start.", "Consul", switch=True)
 
+
+SETTINGS: tuple[Setting, ...] = tuple(Setting(name=f.name, **f.metadata[_SETTING]) for f in fields(Config))
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-
-Config = dataclasses.make_dataclass(
-    "Config", [(s.name, Any, field(default=None)) for s in SETTINGS], frozen=True
-)
-Config.__doc__ = "The resolved settings. Attributes are the setting names."
 
 
 # --------------------------------------------------------------------------- CLI
@@ -360,7 +413,7 @@ def _convert(s: Setting, raw: Any, origin: str) -> Any:
     return values if s.multiple else values[0]
 
 
-def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Any:
+def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Turn command line and environment into a `Config`, or raise ConfigError."""
     ns = build_parser().parse_args(list(argv))
     values: dict[str, Any] = {}
@@ -379,11 +432,13 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Any:
             values[s.name] = s.default_value()
     if not values["app"]:
         raise ConfigError("missing APP: give MODULE or MODULE:CALLABLE (see supervise --help)")
-    for name in ("bind", "env", "consul_meta", "consul_tag", "watch", "watch_include", "watch_exclude",
-                 "touch_reload"):
-        values[name] = tuple(values[name])
+    for s in SETTINGS:
+        if s.multiple:
+            values[s.name] = tuple(values[s.name])
     if values["consul_deregister_after"] < 60:
         raise ConfigError("invalid value for --consul-deregister-after: Consul's minimum is 1m")
+    if bool(values["consul_client_cert"]) != bool(values["consul_client_key"]):
+        raise ConfigError("--consul-client-cert and --consul-client-key go together")
     return Config(**values)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -46,6 +47,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, message: str
             detail = f" (last error: {last_error!r})" if last_error else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {message}{detail}")
         time.sleep(interval)  # polling interval of a deadline loop, not a fixed wait
+
+
+def wait_exit(pid: int, timeout: float) -> int | None:
+    """Exit code of child `pid`, or None (after killing it) when it outlives the timeout."""
+    fd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return None
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
 
 
 APP_TEMPLATE = '''
@@ -107,10 +123,15 @@ class Supervise:
     """A supervise process with its log events collected by a reader thread."""
 
     def __init__(self, args: Iterable[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
-                 port: int | None = None, prefix: Iterable[str] = (), health: bool = False) -> None:
+                 port: int | None = None, prefix: Iterable[str] = (), health: bool = False,
+                 inject: Iterable[str] = ()) -> None:
+        """`inject`: names of tests/inject.py patches to run supervise with."""
         self.port = port or free_port()
         self.health_port = free_port() if health else None
-        argv = [*prefix, *SUPERVISE, *args]
+        args = list(args)
+        inject = list(inject)
+        command = [sys.executable, "-m", "tests.inject", ",".join(inject), "--"] if inject else SUPERVISE
+        argv = [*prefix, *command, *args]
         if "--bind" not in args and "-b" not in args:
             argv += ["--bind", f"127.0.0.1:{self.port}"]
         if health:

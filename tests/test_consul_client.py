@@ -16,23 +16,29 @@ import threading
 import time
 import traceback
 import urllib.parse
+from dataclasses import asdict
 from typing import Any, Iterator
 
 import pytest
 
-from supervisor import settings
-from supervisor.consul import (
-    ConsulError,
-    KVContentError,
-    default_service_name,
-    fetch_kv_env,
-    go_duration,
-    helper_main,
-    kv_env,
-    parse_agent_address,
+from supervisor import proto, settings
+from supervisor.channel import Channel
+from supervisor.consul.helper import helper_main
+from supervisor.consul.spec import (
+    ConsulError, ConsulSpec, KVContentError, default_service_name, go_duration, kv_env, parse_agent_address,
     service_registration,
 )
+from supervisor.consul.startup import fetch_kv_env as fetch_spec_kv_env
 from tests.consul_agent import ConsulAgent, wait_until  # fixtures come from tests/conftest.py
+from tests.harness import wait_exit
+
+
+def fetch_kv_env(config: Any) -> dict[str, str]:
+    return fetch_spec_kv_env(ConsulSpec.from_config(config))
+
+
+def registration(config: Any, port: int | None, health_url: str | None) -> dict[str, Any]:
+    return service_registration(ConsulSpec.from_config(config, port, health_url))
 
 HOST = socket.gethostname()
 TTL = 1.5  # short TTL: heartbeats every 0.5 s, the "alive" window is 0.75 s
@@ -54,17 +60,21 @@ def helper_config(agent: ConsulAgent | str, *args: str) -> Any:
 # --------------------------------------------------------------------------- helper harness
 
 
+MESSAGES = {"ready": proto.Register, "alive": proto.Alive, "note": proto.Note, "stop": proto.Withdraw}
+
+
 class Helper:
     """`helper_main` in a forked child; the test plays the master."""
 
     def __init__(self, config: Any, bound_port: int | None = 8000, health_url: str | None = None) -> None:
+        spec = ConsulSpec.from_config(config, bound_port, health_url)
         parent, child = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the helper process
             code = 0
             try:
                 parent.close()
-                helper_main(child, config, bound_port, health_url)
+                helper_main(child, spec)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -72,18 +82,20 @@ class Helper:
                 os._exit(code)
         child.close()
         self.pid = pid
-        self.sock = parent
+        self.chan = Channel(parent, queue_sends=False)
         self.events: list[dict[str, Any]] = []
         self._taken: set[int] = set()
-        self._buffer = b""
         self._alive_stop: threading.Event | None = None
-        self.service_id = service_registration(config, bound_port, health_url)["ID"]
-        self.service = service_registration(config, bound_port, health_url)["Name"]
+        self._lock = threading.Lock()
+        registration = service_registration(spec)
+        self.service_id, self.service = registration["ID"], registration["Name"]
 
     # ---------------------------------------------------------------- master -> helper
 
-    def send(self, **message: Any) -> None:
-        self.sock.sendall((json.dumps(message) + "\n").encode())
+    def send(self, cmd: str, **fields: Any) -> None:
+        with self._lock:
+            if not self.chan.send(MESSAGES[cmd](**fields)):
+                raise OSError("the helper is gone")
 
     def keep_alive(self, interval: float = TTL / 5) -> None:
         """A healthy master loop: `alive` every `interval` from a thread."""
@@ -92,7 +104,7 @@ class Helper:
         def pump() -> None:
             while not stop.is_set():
                 try:
-                    self.send(cmd="alive")
+                    self.send("alive")
                 except OSError:
                     return
                 stop.wait(interval)
@@ -106,15 +118,13 @@ class Helper:
     # ---------------------------------------------------------------- helper -> master
 
     def _read(self, timeout: float) -> None:
-        ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        ready, _, _ = select.select([self.chan.sock], [], [], max(0.0, timeout))
         if not ready:
             return
-        data = self.sock.recv(65536)
-        if not data:
+        received = self.chan.receive()
+        if self.chan.closed and not received:
             raise AssertionError("helper closed its socket")
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        self.events.extend(json.loads(line) for line in lines if line.strip())
+        self.events.extend({"event": r.message.kind, **asdict(r.message)} for r in received)
 
     def next_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
         """The next `name` event not yet returned (events are also kept in `self.events`)."""
@@ -142,13 +152,13 @@ class Helper:
     def close(self) -> None:
         self.stop_alive()
         try:
-            self.sock.close()
+            self.chan.close()
         except OSError:
             pass
 
-    def wait_exit(self, timeout: float) -> int:
-        status = wait_until(lambda: os.waitpid(self.pid, os.WNOHANG)[0] and True, timeout, "helper to exit")
-        return status
+    def wait_exit(self, timeout: float) -> int | None:
+        """The helper's exit code, or None when it outlived the timeout (then it is killed)."""
+        return wait_exit(self.pid, timeout)
 
     def kill(self) -> None:
         try:
@@ -262,7 +272,7 @@ def test_default_service_name() -> None:
 
 def test_registration_ttl_defaults() -> None:
     config = make_config("127.0.0.1:8500", app="shop.wsgi:app")
-    payload = service_registration(config, 8000, None)
+    payload = registration(config, 8000, None)
     assert payload == {
         "ID": f"shop-{HOST}-8000",
         "Name": "shop",
@@ -290,7 +300,7 @@ def test_registration_overrides_and_http_check() -> None:
         "--consul-address", "10.1.2.3", "--consul-port", "443", "--consul-check", "http",
         "--consul-check-interval", "3s", "--consul-timeout", "2", "--consul-deregister-after", "2m",
     )
-    payload = service_registration(config, 8000, "http://10.1.2.3:9000/health")
+    payload = registration(config, 8000, "http://10.1.2.3:9000/health")
     assert payload["ID"] == "api-1" and payload["Name"] == "api"
     assert payload["Tags"] == ["v2", "blue"] and payload["Meta"] == {"team": "core", "rev": "abc"}
     assert payload["Address"] == "10.1.2.3" and payload["Port"] == 443
@@ -308,9 +318,9 @@ def test_registration_overrides_and_http_check() -> None:
 
 def test_registration_id_uses_advertised_port_and_http_needs_health_url() -> None:
     config = make_config("127.0.0.1:8500", "--consul-port", "9999")
-    assert service_registration(config, 8000, None)["ID"] == f"web-{HOST}-9999"
+    assert registration(config, 8000, None)["ID"] == f"web-{HOST}-9999"
     with pytest.raises(ValueError, match="health"):
-        service_registration(make_config("127.0.0.1:8500", "--consul-check", "http"), 8000, None)
+        registration(make_config("127.0.0.1:8500", "--consul-check", "http"), 8000, None)
 
 
 def test_kv_env_pure() -> None:
@@ -391,20 +401,22 @@ def test_fetch_kv_env_acl_token(consul_binary: str, tmp_path: Any, monkeypatch: 
 @pytest.mark.consul
 def test_ready_registers_passing_and_stop_deregisters(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent))
-    helper.keep_alive()
-    # Negative control: nothing is registered before the master says "ready".
-    helper.send(cmd="alive")
-    assert helper.service_id not in consul_agent.services()
-    helper.send(cmd="ready")
+    # Negative control: a twin helper that gets everything but "ready" is never registered,
+    # even after the first one was (so it had every chance to).
+    twin = spawn(helper_config(consul_agent, "--consul-service-id", "web-twin"))
+    for h in (helper, twin):
+        h.keep_alive()
+    helper.send("ready")
     assert helper.next_event("registered")["service_id"] == helper.service_id
+    assert "web-twin" not in consul_agent.services() and not twin.drain()
     assert helper.service_id == f"web-{HOST}-8000"
     wait_until(lambda: passing_ids(consul_agent, "web") == [helper.service_id], 5, "instance passing")
     check = check_of(consul_agent, helper.service_id)
     assert check is not None and check["Status"] == "passing" and check["ServiceName"] == "web"
 
-    helper.send(cmd="stop")
-    stopped = helper.next_event("stopped", timeout=3)
-    assert stopped == {"event": "stopped", "ok": True, "error": None}
+    helper.send("stop")
+    stopped = helper.next_event("withdrawn", timeout=3)
+    assert stopped == {"event": "withdrawn", "ok": True, "error": None}
     assert helper.service_id not in consul_agent.services()
     assert consul_agent.instances("web") == []
     assert not helper.named("consul_down")
@@ -414,7 +426,7 @@ def test_ready_registers_passing_and_stop_deregisters(consul_agent: ConsulAgent,
 def test_heartbeats_keep_passing_and_lapse_without_alive(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
     # With `alive` coming in, the check stays passing well past its TTL.
     deadline = time.monotonic() + 3 * TTL
@@ -440,14 +452,14 @@ def test_heartbeats_keep_passing_and_lapse_without_alive(consul_agent: ConsulAge
 def test_note_sets_output_and_stays_passing(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
-    helper.send(cmd="note", text="reload failed: SyntaxError in app.py; old generation serving")
+    helper.send("note", text="reload failed: SyntaxError in app.py; old generation serving")
     wait_until(lambda: (check_of(consul_agent, helper.service_id) or {}).get("Output", "").startswith("reload failed"),
                3, "the note in the check output")
     assert check_of(consul_agent, helper.service_id)["Status"] == "passing"
     assert passing_ids(consul_agent, "web") == [helper.service_id]
-    helper.send(cmd="note", text="")
+    helper.send("note", text="")
     wait_until(lambda: (check_of(consul_agent, helper.service_id) or {}).get("Output") == "", 3, "note cleared")
 
 
@@ -455,11 +467,11 @@ def test_note_sets_output_and_stays_passing(consul_agent: ConsulAgent, spawn: An
 def test_stop_maintenance_mode(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent, "--consul-on-stop", "maintenance"))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
     wait_until(lambda: passing_ids(consul_agent, "web"), 5, "instance passing")
-    helper.send(cmd="stop")
-    assert helper.next_event("stopped", timeout=3)["ok"] is True
+    helper.send("stop")
+    assert helper.next_event("withdrawn", timeout=3)["ok"] is True
     # Out of `?passing` at once, but still registered, with the maintenance check.
     assert passing_ids(consul_agent, "web") == []
     assert helper.service_id in consul_agent.services()
@@ -471,12 +483,12 @@ def test_stop_maintenance_mode(consul_agent: ConsulAgent, spawn: Any) -> None:
 def test_stop_replies_when_consul_is_down(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
     consul_agent.stop()
     started = time.monotonic()
-    helper.send(cmd="stop")
-    stopped = helper.next_event("stopped", timeout=3)
+    helper.send("stop")
+    stopped = helper.next_event("withdrawn", timeout=3)
     assert time.monotonic() - started < 2  # consul_timeout
     assert stopped["ok"] is False and "refused" in stopped["error"].lower()
 
@@ -486,10 +498,10 @@ def test_stop_replies_within_consul_timeout_on_a_silent_agent(spawn: Any) -> Non
     try:
         helper = spawn(helper_config(hole.addr, "--consul-timeout", "1"))
         helper.keep_alive()
-        helper.send(cmd="ready")  # the registration call hangs until its timeout
+        helper.send("ready")  # the registration call hangs until its timeout
         started = time.monotonic()
-        helper.send(cmd="stop")
-        stopped = helper.next_event("stopped", timeout=3)
+        helper.send("stop")
+        stopped = helper.next_event("withdrawn", timeout=3)
         assert time.monotonic() - started <= 1.2
         assert stopped["ok"] is False and "within 1s" in stopped["error"]
     finally:
@@ -499,12 +511,12 @@ def test_stop_replies_within_consul_timeout_on_a_silent_agent(spawn: Any) -> Non
 @pytest.mark.consul
 def test_stop_before_ready_does_not_touch_consul(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent))
-    helper.send(cmd="stop")
-    assert helper.next_event("stopped", timeout=3) == {"event": "stopped", "ok": True, "error": None}
-    helper.send(cmd="ready")  # too late: a stopped helper never registers
-    helper.send(cmd="alive")
+    helper.send("stop")
+    assert helper.next_event("withdrawn", timeout=3) == {"event": "withdrawn", "ok": True, "error": None}
+    helper.send("ready")  # too late: a stopped helper never registers
+    helper.send("alive")
     helper.close()
-    helper.wait_exit(3)
+    assert helper.wait_exit(3) == 0
     assert consul_agent.services() == {}
 
 
@@ -515,7 +527,7 @@ def test_stop_before_ready_does_not_touch_consul(consul_agent: ConsulAgent, spaw
 def test_agent_restart_reregisters(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
     wait_until(lambda: passing_ids(consul_agent, "web") == [helper.service_id], 5, "instance passing")
     # Control: a service registered behind the helper's back is lost by the restart for good.
@@ -537,7 +549,7 @@ def test_agent_down_at_start_registers_when_it_comes_up(consul_agent: ConsulAgen
     consul_agent.stop()
     helper = spawn(helper_config(consul_agent))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     down = helper.next_event("consul_down", timeout=5)
     assert "refused" in down["error"].lower() and "\n" not in down["error"]
     consul_agent.start()
@@ -552,7 +564,7 @@ def test_outage_reported_once_and_retries_back_off(spawn: Any) -> None:
     try:
         helper = spawn(helper_config(slam.addr))
         helper.keep_alive()
-        helper.send(cmd="ready")
+        helper.send("ready")
         helper.next_event("consul_down", timeout=5)
         wait_until(lambda: len(slam.times) >= 5, 10, "five registration attempts")
         gaps = [b - a for a, b in zip(slam.times, slam.times[1:])]
@@ -569,7 +581,7 @@ def test_acl_denied_registration_reports_consul_down(consul_binary: str, tmp_pat
     with ConsulAgent(consul_binary, str(tmp_path), hcl=(ACL_HCL,)) as agent:
         helper = spawn(helper_config(agent))  # no token
         helper.keep_alive()
-        helper.send(cmd="ready")
+        helper.send("ready")
         down = helper.next_event("consul_down", timeout=5)
         assert "403" in down["error"]
         good = spawn(helper_config(agent, "--consul-token", "root", "--consul-service-id", "web-ok"))
@@ -582,10 +594,10 @@ def test_acl_denied_registration_reports_consul_down(consul_binary: str, tmp_pat
 def test_master_gone_helper_exits_promptly(consul_agent: ConsulAgent, spawn: Any) -> None:
     helper = spawn(helper_config(consul_agent, "--consul-kv-prefix", "svc/web"))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
     helper.close()  # EOF
-    helper.wait_exit(2)
+    assert helper.wait_exit(2) == 0
 
 
 # =========================================================================== helper: KV watch
@@ -597,7 +609,7 @@ def test_kv_change_sends_event_with_new_env(consul_agent: ConsulAgent, spawn: An
     helper = spawn(helper_config(consul_agent, "--consul-kv-prefix", "svc/web"))
     helper.keep_alive()
     # The master loaded {"COLOR": "blue"} at start and says so: no event for unchanged content.
-    helper.send(cmd="ready", env={"COLOR": "blue"})
+    helper.send("ready", env={"COLOR": "blue"})
     helper.next_event("registered")
 
     consul_agent.kv_put("svc/web/COLOR", "blue")  # same content, new index: no event
@@ -619,7 +631,7 @@ def test_kv_first_read_is_sent_without_baseline(consul_agent: ConsulAgent, spawn
     consul_agent.kv_put("svc/web/COLOR", "blue")
     helper = spawn(helper_config(consul_agent, "--consul-kv-prefix", "svc/web"))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     assert helper.next_event("kv", timeout=5)["env"] == {"COLOR": "blue"}
 
 
@@ -628,7 +640,7 @@ def test_kv_watch_survives_agent_restart(consul_agent: ConsulAgent, spawn: Any) 
     consul_agent.kv_put("svc/web/COLOR", "blue")
     helper = spawn(helper_config(consul_agent, "--consul-kv-prefix", "svc/web"))
     helper.keep_alive()
-    helper.send(cmd="ready", env={"COLOR": "blue"})
+    helper.send("ready", env={"COLOR": "blue"})
     helper.next_event("registered")
     consul_agent.restart()  # KV gone, and the agent's index starts over (lower)
     assert helper.next_event("kv", timeout=10)["env"] == {}
@@ -641,10 +653,10 @@ def test_no_kv_events_without_prefix(consul_agent: ConsulAgent, spawn: Any) -> N
     consul_agent.kv_put("svc/web/COLOR", "blue")
     helper = spawn(helper_config(consul_agent))
     helper.keep_alive()
-    helper.send(cmd="ready")
+    helper.send("ready")
     helper.next_event("registered")
-    helper.send(cmd="stop")
-    helper.next_event("stopped")
+    helper.send("stop")
+    helper.next_event("withdrawn")
     assert not helper.named("kv")
 
 
@@ -675,7 +687,7 @@ def test_http_check_registers_and_survives_agent_restart(consul_agent: ConsulAge
     try:
         helper = spawn(helper_config(consul_agent, "--consul-check", "http", "--consul-check-interval", "1s"),
                        health_url=health_url)
-        helper.send(cmd="ready")
+        helper.send("ready")
         helper.next_event("registered")
         check = wait_until(lambda: (c := check_of(consul_agent, helper.service_id)) and "HTTP GET" in c["Output"]
                            and c, 5, "the first HTTP check run")
@@ -748,7 +760,7 @@ def test_kv_watch_rate_limited_and_never_blocks_on_index_zero(spawn: Any) -> Non
     try:
         helper = spawn(helper_config(fake.addr, "--consul-kv-prefix", "svc/web"))
         helper.keep_alive()
-        helper.send(cmd="ready")
+        helper.send("ready")
         wait_until(lambda: len(fake.kv) >= 8, 10, "four KV watch cycles")
         requests_ = list(fake.kv)
         assert "index" not in requests_[0][1]  # the first read does not block
@@ -772,7 +784,7 @@ def test_kv_watch_resets_when_index_goes_backwards(spawn: Any) -> None:
     try:
         helper = spawn(helper_config(fake.addr, "--consul-kv-prefix", "svc/web"))
         helper.keep_alive()
-        helper.send(cmd="ready")
+        helper.send("ready")
         wait_until(lambda: any(p.get("index") == "1000" for _, p in fake.kv), 5, "a blocking read on 1000")
         fake.index = 7  # the agent's state was reset
         seen = len(fake.kv)

@@ -2,88 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 
-from supervisor.pool import Accept, Drain, Exit, Kill, Limits, Notify, Pool, Spawn
-
-
-class Sim:
-    """Drives a Pool the way the master does: carries out Spawn by inventing pids and
-    records every action.  Time only moves when the test says so."""
-
-    def __init__(self, workers: int = 2, rolling: bool = False, **limits: float) -> None:
-        base = dict(boot_timeout=10.0, graceful_timeout=5.0, worker_timeout=0.0)
-        base.update(limits)
-        self.pool = Pool(Limits(workers=workers, rolling=rolling, **base), rng=random.Random(1))  # type: ignore[arg-type]
-        self.now = 0.0
-        self.pids = itertools.count(100)
-        self.log: list[object] = []
-        self.max_alive_generations = 0
-        self.max_alive_workers = 0
-
-    def step(self) -> list[object]:
-        out: list[object] = []
-        while True:
-            actions = self.pool.decide(self.now)
-            if not actions:
-                break
-            for a in actions:
-                if isinstance(a, Spawn):
-                    self.pool.spawned(self.now, a.generation, a.slot, next(self.pids))
-            out += actions
-        self.log += out
-        self.max_alive_generations = max(self.max_alive_generations, len(self.pool.alive_generations()))
-        self.max_alive_workers = max(self.max_alive_workers, len(self.pool.workers))
-        return out
-
-    def start(self) -> list[object]:
-        self.pool.start(self.now, {})
-        return self.step()
-
-    def advance(self, seconds: float) -> list[object]:
-        self.now += seconds
-        return self.step()
-
-    def pids_of(self, generation: int, state: str | None = None) -> list[int]:
-        return sorted(w.pid for w in self.pool.workers.values()
-                      if w.generation == generation and (state is None or w.state == state))
-
-    def ready_all(self, generation: int) -> list[object]:
-        for pid in self.pids_of(generation, "starting"):
-            self.pool.ready(self.now, pid)
-        return self.step()
-
-    def exit(self, pid: int, status: str = "exit 0") -> list[object]:
-        self.pool.exited(self.now, pid, status)
-        return self.step()
-
-    def exit_all(self, pids: list[int]) -> list[object]:
-        out = []
-        for pid in pids:
-            out += self.exit(pid)
-        return out
-
-    def reload(self, supersede: bool = True) -> list[object]:
-        self.pool.reload(self.now, "test", {}, supersede=supersede)
-        return self.step()
-
-    def serving(self) -> int:
-        gen = self.pool.serving_generation()
-        assert gen is not None
-        return gen.number
-
-
-def notes(actions: list[object], event: str) -> list[Notify]:
-    return [a for a in actions if isinstance(a, Notify) and a.event == event]
-
-
-def running(workers: int = 2, **kw: float) -> Sim:
-    sim = Sim(workers, **kw)
-    sim.start()
-    sim.ready_all(1)
-    assert sim.serving() == 1
-    return sim
+from supervisor.lifecycle.actions import Accept, Drain, Exit, Kill, Spawn
+from tests.sim import Sim, notes, running
 
 
 def test_first_generation_accepts_each_worker_as_it_becomes_ready():
@@ -207,8 +129,7 @@ def test_shutdown_during_reload_kills_booting_drains_serving_and_exits_zero():
     sim = running(2)
     sim.reload()
     booting, serving = sim.pids_of(2), sim.pids_of(1)
-    sim.pool.shutdown(sim.now, fast=False)
-    actions = sim.step()
+    actions = sim.signal("SIGTERM")
     assert {a.pid for a in actions if isinstance(a, Kill)} == set(booting)
     assert {a.pid for a in actions if isinstance(a, Drain)} == set(serving)
     sim.exit_all(booting)
@@ -218,8 +139,7 @@ def test_shutdown_during_reload_kills_booting_drains_serving_and_exits_zero():
 
 def test_graceful_timeout_kills_a_worker_that_does_not_finish():
     sim = running(1, graceful_timeout=3.0)
-    sim.pool.shutdown(sim.now, fast=False)
-    sim.step()
+    sim.signal("SIGTERM")
     assert not [a for a in sim.advance(2.9) if isinstance(a, Kill)]
     assert sim.pool.next_deadline() == 3.0
     kills = [a for a in sim.advance(0.1) if isinstance(a, Kill)]
@@ -228,8 +148,7 @@ def test_graceful_timeout_kills_a_worker_that_does_not_finish():
 
 def test_fast_shutdown_kills_everything():
     sim = running(2)
-    sim.pool.shutdown(sim.now, fast=True)
-    actions = sim.step()
+    actions = sim.signal("SIGQUIT")
     assert len([a for a in actions if isinstance(a, Kill)]) == 2
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -67,7 +69,7 @@ def test_negative_control_retiring_old_generation_early_is_detected(supervise, a
     """Same scenario with the old generation retired at reload start (gunicorn's order):
     the test must see failures, proving it would catch that behaviour."""
     sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch",
-                   env={"SUPERVISE_TEST_RETIRE_EARLY": "1"}).ready()
+                   inject=["retire-early"]).ready()
     with Load(sv.port, clients=4, timeout=2.0) as load:
         load.wait_requests(50)
         write_app(app_dir, "2", extra=BROKEN_IMPORT)
@@ -95,11 +97,12 @@ def test_hup_storm_at_most_two_generations_alive_and_one_remains(supervise, app_
     stop = threading.Event()
 
     def sample() -> None:
-        while not stop.is_set():
+        deadline = time.monotonic() + 60  # bounded even if the test fails before setting `stop`
+        while not stop.is_set() and time.monotonic() < deadline:
             try:
                 status, body = sv.health()
-            except Exception:
-                continue
+            except OSError:
+                continue  # a health request may fail while the loop is busy: sample again
             seen.append({w["generation"] for w in body["workers"]})
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -155,9 +158,11 @@ def test_rolling_reload_zero_failures_never_more_than_workers_plus_one(supervise
             write_app(app_dir, str(n))
             before = len(sv.find("reload_finished"))
             sv.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
             while len(sv.find("reload_finished")) <= before:  # sample while the reload runs
                 most = max(most, _alive_children(master))
                 assert sv.proc.poll() is None
+                assert time.monotonic() < deadline, "the rolling reload did not finish in 20 s"
             assert sv.find("reload_finished")[-1]["outcome"] == "succeeded"
         load.wait_requests(50)
     assert most <= 4, most
@@ -222,3 +227,36 @@ def test_same_size_edit_within_the_same_second_is_not_served_from_stale_bytecode
         write_app(app_dir, str(n))
         assert sv.reload()["outcome"] == "succeeded"
         assert http_get(sv.port)[1] == f"version={n}"
+
+
+def _late_connection(supervise, app_dir, gate, inject):
+    """A generation-1 worker takes a connection, and the master's SIGTERM arrives before its
+    accept() returns (tests/inject.py: handoff-gate).  Returns the client's response and the log."""
+    sv = supervise("app", "-w", "1", "--chdir", str(app_dir), "--no-watch", inject=inject,
+                   env={"SUPERVISE_TEST_GATE": str(gate)}).ready()
+    assert sv.get()[1] == "version=1"  # before the gate opens, served as usual
+    gate.write_text("")
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=20) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        wait_until(lambda: Path(f"{gate}.held").exists(), message="a generation-1 worker holding the connection")
+        write_app(app_dir, "2")
+        assert sv.reload()["outcome"] == "succeeded"
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    return sv, response
+
+
+def test_a_connection_accepted_after_the_drain_is_handed_to_the_new_generation(supervise, app_dir, tmp_path):
+    sv, response = _late_connection(supervise, app_dir, tmp_path / "gate", ["handoff-gate"])
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"version=2"), response
+    held_by = int((tmp_path / "gate.held").read_text())
+    assert sv.find("connection_handed_off", pid=held_by, sent=True)
+    new_worker = sv.find("worker_ready", generation=2)[0]["worker_pid"]
+    assert sv.find("connection_forwarded", from_pid=held_by, to_pid=new_worker, sent=True)
+
+
+def test_negative_control_a_draining_worker_serving_its_late_connection_is_detected(supervise, app_dir, tmp_path):
+    sv, response = _late_connection(supervise, app_dir, tmp_path / "gate", ["handoff-gate", "serve-late"])
+    assert response.endswith(b"version=1"), "without the hand-off the client gets the old code"
+    assert not sv.find("connection_forwarded")

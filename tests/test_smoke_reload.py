@@ -7,11 +7,12 @@ def test_hup_under_load_zero_failures(supervise, app_dir):
         ka.wait_requests(200)
         for version in ("2", "3"):
             write_app(app_dir, version)
-            sv.reload()
+            assert sv.reload()["outcome"] == "succeeded"
             ka.wait_requests(100)
             nk.wait_requests(50)
     assert not ka.failures(), ka.summary()
     assert not nk.failures(), nk.summary()
     assert_monotonic_versions(ka, ["version=1", "version=2", "version=3"])
     assert_monotonic_versions(nk, ["version=1", "version=2", "version=3"])
+    assert ka.results[-1].body == nk.results[-1].body == "version=3"
     assert sv.stop() == 0

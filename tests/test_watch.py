@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import select
@@ -12,17 +13,19 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import pytest
 
-from supervisor import watch
-from supervisor.settings import WATCH_EXCLUDE, WATCH_INCLUDE, resolve
-from supervisor import channel
-from tests.harness import wait_until
+from supervisor import proto
 from supervisor.channel import Channel
-from supervisor.helpers import Helper
-from supervisor.watch import Batch, Debouncer, WatchSpec, path_matches
+from supervisor.lifecycle.debounce import Batch, Debouncer
+from supervisor.master.helpers import fork_helper as master_fork_helper
+from supervisor.settings import WATCH_EXCLUDE, WATCH_INCLUDE, resolve
+from supervisor.watch import helper as watch
+from supervisor.watch.spec import WatchSpec, path_matches, spec_from_config
+from tests.harness import wait_exit, wait_until
 
 INCLUDE = tuple(WATCH_INCLUDE)
 EXCLUDE = tuple(WATCH_EXCLUDE)
@@ -136,32 +139,34 @@ def test_debouncer_max_wait_cuts_endless_burst() -> None:
 def test_channel_handles_partial_lines_and_garbage() -> None:
     """The master's side of the helper protocol (supervisor.channel)."""
     ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    chan = Channel(ours)
-    data = channel.encode({"event": "changed", "paths": ["a"]}) + b"garbage\n" + channel.encode({"event": "watching"})
+    chan = Channel(ours, queue_sends=True)
+    data = proto.encode(proto.Changed(["a"])) + b"garbage\n" + b'{"t":"changed","paths":[1]}\n' + \
+        proto.encode(proto.Watching("inotify"))
     theirs.sendall(data[:5])
     assert chan.receive() == []  # half a line is not a message
     theirs.sendall(data[5:-3])
-    assert wait_until(lambda: chan.receive(), message="first message") == [{"event": "changed", "paths": ["a"]}]
+    first = wait_until(lambda: chan.receive(), message="first message")
+    assert [r.message for r in first] == [proto.Changed(["a"])]
     theirs.sendall(data[-3:])
-    assert wait_until(lambda: chan.receive(), message="second message") == [{"event": "watching"}]
+    second = wait_until(lambda: chan.receive(), message="second message")
+    assert [r.message for r in second] == [proto.Watching("inotify")], "garbage and ill-typed lines are dropped"
     theirs.close()
     wait_until(lambda: chan.receive() == [] and chan.closed, message="EOF")
 
 def test_spec_from_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    spec = watch.spec_from_config(resolve(["app", "--chdir", "code"], {}))
+    spec = spec_from_config(resolve(["app", "--chdir", "code"], {}))
     assert spec == WatchSpec(paths=(str(tmp_path / "code"),), include=INCLUDE, exclude=EXCLUDE,
                              poll=False, poll_interval=1.0, touch_files=())
-    spec = watch.spec_from_config(resolve(
+    spec = spec_from_config(resolve(
         ["app", "--chdir", "code", "--watch", "/a", "--watch", "/b", "--watch-poll",
          "--watch-poll-interval", "250ms", "--watch-include", "*.py", "--touch-reload", "t"], {}))
     assert spec is not None
     assert spec.paths == ("/a", "/b") and spec.include == ("*.py",)
     assert spec.poll and spec.poll_interval == 0.25 and spec.touch_files == (str(tmp_path / "t"),)
-    assert watch.spec_from_config(resolve(["app"], {})) is None
-    assert watch.spec_from_config(resolve(["app", "--chdir", "/c", "--no-watch"], {})) is None
-    spec = watch.spec_from_config(resolve(["app", "--chdir", "/c", "--no-watch", "--touch-reload", "/t"], {}))
+    assert spec_from_config(resolve(["app"], {})) is None
+    assert spec_from_config(resolve(["app", "--chdir", "/c", "--no-watch"], {})) is None
+    spec = spec_from_config(resolve(["app", "--chdir", "/c", "--no-watch", "--touch-reload", "/t"], {}))
     assert spec is not None and spec.paths == () and spec.touch_files == ("/t",)
 
 
@@ -174,8 +179,7 @@ class HelperProcess:
     def __init__(self, pid: int, sock: socket.socket) -> None:
         self.pid = pid
         self.sock = sock
-        sock.setblocking(False)
-        self.chan = Channel(sock)
+        self.chan = Channel(sock, queue_sends=True)
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
         self.backlog: list[dict[str, Any]] = []
@@ -188,7 +192,7 @@ class HelperProcess:
             left = deadline - time.monotonic()
             if left <= 0 or not self.selector.select(left):
                 return None
-            self.backlog += self.chan.receive()
+            self.backlog += [{"event": r.message.kind, **asdict(r.message)} for r in self.chan.receive()]
             self.eof = self.chan.closed
         return self.backlog.pop(0) if self.backlog else None
 
@@ -216,20 +220,6 @@ class HelperProcess:
             self.sock.close()
             self.status = wait_exit(self.pid, timeout)
         return self.status
-
-
-def wait_exit(pid: int, timeout: float) -> int | None:
-    """Exit code of child `pid`, or None (after killing it) when it outlives the timeout."""
-    fd = os.pidfd_open(pid)
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
-    if not ready:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        return None
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def fork_helper(spec: WatchSpec, prepare: Callable[[], None] = lambda: None) -> HelperProcess:
@@ -366,13 +356,21 @@ def test_polling_mode_detects_an_edit(start_helper: Callable[..., HelperProcess]
 
 
 def test_inotify_failure_falls_back_to_polling(start_helper: Callable[..., HelperProcess], app: Path) -> None:
-    helper = start_helper((app,), poll_interval=0.1, test_fail_inotify=True)
+    helper = start_helper((app,), poll_interval=0.1, prepare=fail_inotify)
     handshake = helper.handshake  # type: ignore[attr-defined]
     assert handshake["mode"] == "polling"
     assert "inotify unavailable" in handshake["reason"] and "watch limit" in handshake["reason"]
     (app / "new.py").write_text("z = 1\n")
     message = helper.wait_for("changed")
     assert message["paths"] == [str(app / "new.py")]
+
+
+def fail_inotify() -> None:
+    """In the forked helper: starting inotify fails as at the watch limit (ENOSPC)."""
+    def refuse() -> Any:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached (forced by the test)")
+
+    watch._new_inotify_observer = refuse  # type: ignore[assignment]
 
 
 def limit_inotify_watches(limit: int) -> None:
@@ -476,12 +474,10 @@ def test_touch_file_without_watch_paths(start_helper: Callable[..., HelperProces
 
 
 def test_helper_started_by_the_master_exits_when_master_closes_socket(app: Path) -> None:
-    """The product's path: supervisor.helpers.Helper forks helper_main (as the master does)."""
+    """The product's path: supervisor.master.helpers forks helper_main (as the master does)."""
     spec = WatchSpec(paths=(str(app),), include=INCLUDE, exclude=EXCLUDE)
-    started_helper = Helper("watcher", lambda sock: watch.helper_main(sock, spec))
-    started_helper.start(time.monotonic())
-    assert started_helper.pid is not None and started_helper.chan is not None
-    helper = HelperProcess(started_helper.pid, started_helper.chan.sock)
+    pid, chan = master_fork_helper(lambda sock: watch.helper_main(sock, spec))
+    helper = HelperProcess(pid, chan.sock)
     helper.wait_for("watching")
     started = time.monotonic()
     assert helper.close(timeout=3.0) == 0

@@ -2,12 +2,15 @@
 
 200 while a generation serves and the master loop is answering (it is this loop
 that answers), 503 before the first generation is ready and once shutdown has
-begun.  The JSON body is the pool's state.  Connections are non-blocking and
-served by the master loop itself; each is answered once and closed."""
+begun.  The JSON body is the lifecycle's state (`supervisor.lifecycle.view`).
+Connections are non-blocking and served by the master loop itself; each is answered
+once and closed.  The server owns its sockets' registrations in the master's selector:
+every socket it closes, it unregisters first."""
 
 from __future__ import annotations
 
 import json
+import selectors
 import socket
 from typing import Any, Callable
 
@@ -15,6 +18,7 @@ import httptools
 
 TIMEOUT = 5.0
 MAX_REQUEST = 16384
+MAX_CLIENTS = 64  # connections served at once; more wait in the listen queue
 
 
 class _Request:
@@ -38,27 +42,41 @@ class _Client:
         self.size = 0
 
 
+Snapshot = Callable[[], tuple[bool, dict[str, Any]]]
+
+
 class HealthServer:
-    def __init__(self, listener: socket.socket, snapshot: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+    def __init__(self, listener: socket.socket, sel: selectors.BaseSelector, snapshot: Snapshot,
+                 clock: Callable[[], float]) -> None:
         listener.setblocking(False)
         self.listener = listener
+        self.sel = sel
         self.snapshot = snapshot
-        self.clients: dict[int, _Client] = {}
+        self.clock = clock
+        self.clients: dict[socket.socket, _Client] = {}
+        self._listening = False
+        self._listen(True)
 
-    def accept(self, now: float) -> socket.socket | None:
-        """Accept one client; returns its socket for the caller to watch."""
+    def _listen(self, on: bool) -> None:
+        if on and not self._listening:
+            self.sel.register(self.listener, selectors.EVENT_READ, lambda mask: self._accept())
+        elif not on and self._listening:
+            self.sel.unregister(self.listener)
+        self._listening = on
+
+    def _accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError, OSError):
-            return None
-        sock.setblocking(False)
-        self.clients[sock.fileno()] = _Client(sock, now)
-        return sock
-
-    def readable(self, fd: int) -> None:
-        client = self.clients.get(fd)
-        if client is None:
+        except OSError:  # gone before we took it, or out of descriptors: the next wakeup retries
             return
+        sock.setblocking(False)
+        client = _Client(sock, self.clock())
+        self.clients[sock] = client
+        self.sel.register(sock, selectors.EVENT_READ, lambda mask: self._readable(client))
+        if len(self.clients) >= MAX_CLIENTS:
+            self._listen(False)
+
+    def _readable(self, client: _Client) -> None:
         try:
             data = client.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -102,14 +120,18 @@ class HealthServer:
         self._close(client)
 
     def _close(self, client: _Client) -> None:
-        self.clients.pop(client.sock.fileno(), None)
+        if self.clients.pop(client.sock, None) is None:
+            return
+        self.sel.unregister(client.sock)
         try:
             client.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         client.sock.close()
+        self._listen(True)
 
     def close(self) -> None:
         for client in list(self.clients.values()):
             self._close(client)
+        self._listen(False)
         self.listener.close()

@@ -1,28 +1,24 @@
-"""Code watcher: a helper process that reports file changes to the master.
+"""The code watcher, the helper process: reports file changes to the master.
 
-The master is single-threaded and forks workers, so the watchdog Observer (which
-runs threads) lives in a helper process forked from the master.  `helper_main`
-is that process's body (the master forks it through `supervisor.helpers.Helper`).
-It talks to the master over a connected AF_UNIX stream socket, one JSON object per
-line (`supervisor.channel`).  Helper -> master:
+The master is single-threaded and forks workers, so the watchdog Observer (which runs
+threads) lives in this helper process, forked from the master.  `helper_main` is its body.
+It sends the master (`supervisor.proto`):
 
-    {"event": "watching", "mode": "inotify"|"polling", "paths": [...],
-     "touch_files": [...], "reason": str|null}
+    Watching(mode, paths, touch_files, reason)
         the observer (re)started; `paths` are the real directories watched,
-        `reason` says why polling is used (null with inotify)
-    {"event": "changed", "paths": [...]}
+        `reason` says why polling is used (None with inotify)
+    Changed(paths)
         files that passed the include/exclude filters (events arriving within
-        BATCH_WINDOW are sent as one message; the master debounces)
-    {"event": "retarget", "path": P, "target": T}
+        BATCH_WINDOW are sent as one message; the lifecycle debounces)
+    Retarget(path, target)
         watched path P now resolves to T (a re-pointed symlink, or a path
-        that appeared); the watch moved there and a `changed` follows
-    {"event": "warning", "message": str}
+        that appeared); the watch moved there and a Changed follows
+    HelperWarning(message)
         something the master should log (watchdog warnings, a missing path)
-    {"event": "error", "message": str}
+    HelperFailing(message)
         the helper is about to die of an unexpected exception
 
-The master sends nothing; the helper exits when the socket reaches EOF.
-The master debounces `changed` messages with the pure `Debouncer`.
+The master sends nothing; the helper exits when the channel reaches EOF.
 """
 
 from __future__ import annotations
@@ -31,14 +27,11 @@ import errno
 import logging
 import os
 import queue
-import signal
+import select
 import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
 
 from watchdog.events import (
@@ -57,7 +50,9 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
 from watchdog.observers.polling import PollingObserverVFS
 
-from supervisor import channel
+from supervisor import proto
+from supervisor.channel import Channel
+from supervisor.watch.spec import WatchSpec, excluded_dir_name, path_matches
 
 try:  # watchdog >= 7: one inotify instance per observer, which we can wrap
     from watchdog.observers.inotify_c import InotifyFD
@@ -66,7 +61,6 @@ except ImportError:  # pragma: no cover - older watchdog: limits hit below the r
 
 CHECK_INTERVAL = 0.5  # seconds between symlink-target and touch-file checks
 BATCH_WINDOW = 0.05  # seconds the helper gathers events into one `changed` message
-SAMPLE_SIZE = 10  # paths kept in Batch.paths_sample
 
 # Event types that mean "content changed".  Opened / closed-no-write are left
 # out so that workers importing modules do not wake the helper.  Directory
@@ -77,144 +71,6 @@ _EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent, FileAttribEvent,
     DirCreatedEvent, DirDeletedEvent, DirMovedEvent,
 ]
-
-
-# --------------------------------------------------------------------------- spec
-
-
-@dataclass(frozen=True)
-class WatchSpec:
-    """What the helper watches.  Paths are absolute and not resolved (a symlink
-    stays a symlink so that re-pointing it is noticed)."""
-
-    paths: tuple[str, ...]
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    poll: bool = False
-    poll_interval: float = 1.0
-    touch_files: tuple[str, ...] = ()
-    # TEST ONLY: make the inotify start fail with ENOSPC to exercise the polling
-    # fallback.  Never set from configuration.
-    test_fail_inotify: bool = False
-
-    def __post_init__(self) -> None:
-        if self.poll_interval <= 0:
-            raise ValueError("poll_interval must be greater than zero")
-
-
-def spec_from_config(config: Any) -> WatchSpec | None:
-    """Build the spec from a `Config`; None when there is nothing to watch.
-
-    Watched paths are --watch, else --chdir; none with --no-watch (touch files
-    still count).  Relative paths are made absolute against the current
-    directory, so call this in the master before anything changes directory.
-    """
-    touch = _absolute(config.touch_reload or ())
-    paths: tuple[str, ...] = ()
-    if not config.no_watch:
-        paths = _absolute(config.watch or ((config.chdir,) if config.chdir else ()))
-    if not paths and not touch:
-        return None
-    return WatchSpec(
-        paths=paths,
-        include=tuple(config.watch_include or ()),
-        exclude=tuple(config.watch_exclude or ()),
-        poll=bool(config.watch_poll),
-        poll_interval=float(config.watch_poll_interval or 1.0),
-        touch_files=touch,
-    )
-
-
-def _absolute(paths: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(os.path.abspath(p) for p in paths))
-
-
-# --------------------------------------------------------------------------- filters
-
-
-def path_matches(path: str, root: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
-    """Whether a change to `path` (a file under directory `root`) should trigger a reload.
-
-    A pattern ending in "/" names a directory at any depth below root
-    (".git/", "__pycache__/"); a pattern containing another "/" is matched
-    against the path relative to root; any other pattern is matched against
-    the basename.  Exclude wins over include; an empty include list includes
-    everything.  Paths outside root never match.
-    """
-    rel = os.path.relpath(path, root)
-    if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
-        return False
-    parts = rel.split(os.sep)
-    if any(_pattern_hits(p, parts) for p in exclude):
-        return False
-    include = tuple(include)
-    return not include or any(_pattern_hits(p, parts) for p in include)
-
-
-def _pattern_hits(pattern: str, parts: list[str]) -> bool:
-    if pattern.endswith("/"):
-        name = pattern.rstrip("/")
-        return any(fnmatchcase(d, name) for d in parts[:-1])
-    if "/" in pattern:
-        return fnmatchcase("/".join(parts), pattern)
-    return fnmatchcase(parts[-1], pattern)
-
-
-def excluded_dir_name(name: str, exclude: Iterable[str]) -> bool:
-    """Whether a directory called `name` is excluded by a trailing-/ pattern."""
-    return any(p.endswith("/") and fnmatchcase(name, p.rstrip("/")) for p in exclude)
-
-
-# --------------------------------------------------------------------------- debounce
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One burst of changes: the first few paths and how many distinct paths changed."""
-
-    paths_sample: tuple[str, ...]
-    count: int
-
-
-class Debouncer:
-    """Turns a burst of changes into one reload.  Pure: the caller passes the time.
-
-    The burst is over `debounce` seconds after its last change.  With
-    `max_wait`, a burst that never goes quiet is cut `max_wait` seconds after
-    its first change (None: wait for quiet however long it takes).
-    """
-
-    def __init__(self, debounce: float, max_wait: float | None = None, sample_size: int = SAMPLE_SIZE) -> None:
-        self._debounce = debounce
-        self._max_wait = max_wait
-        self._sample_size = sample_size
-        self._first: float | None = None
-        self._last: float | None = None
-        self._paths: dict[str, None] = {}
-
-    def add(self, now: float, paths: Iterable[str]) -> None:
-        """Record a change at `now` (an empty `paths` still counts as activity)."""
-        if self._first is None:
-            self._first = now
-        self._last = now if self._last is None else max(self._last, now)
-        self._paths.update(dict.fromkeys(paths))
-
-    def deadline(self) -> float | None:
-        """When the current burst will be over, or None when nothing is pending."""
-        if self._first is None or self._last is None:
-            return None
-        quiet = self._last + self._debounce
-        return quiet if self._max_wait is None else min(quiet, self._first + self._max_wait)
-
-    def take(self, now: float) -> Batch | None:
-        """The finished burst (and forget it), or None while it is still going on."""
-        deadline = self.deadline()
-        if deadline is None or now < deadline:
-            return None
-        batch = Batch(tuple(list(self._paths)[: self._sample_size]), len(self._paths))
-        self._first = self._last = None
-        self._paths = {}
-        return batch
 
 
 # --------------------------------------------------------------------------- protocol
@@ -346,11 +202,11 @@ def _limit_error(observer: BaseObserver | None) -> OSError | None:
     return getattr(fd, "limit_error", None)
 
 
-class _Helper:
-    """The helper's state, used only by its main thread."""
+class Watcher:
+    """The watcher process's state, used only by its main thread."""
 
-    def __init__(self, sock: socket.socket, spec: WatchSpec, inbox: queue.Queue[_Item]) -> None:
-        self._sock = sock
+    def __init__(self, chan: Channel, spec: WatchSpec, inbox: queue.Queue[_Item]) -> None:
+        self._chan = chan
         self._spec = spec
         self._inbox = inbox
         self._observer: BaseObserver | None = None
@@ -399,7 +255,7 @@ class _Helper:
             if self._flush_at is None:
                 self._flush_at = time.monotonic() + BATCH_WINDOW
         elif kind == "warning":
-            self._send({"event": "warning", "message": payload})
+            self._send(proto.HelperWarning(payload))
 
     # ---------------------------------------------------------------- periodic checks
 
@@ -425,7 +281,7 @@ class _Helper:
         for path in moved:
             old, new = self._targets.get(path), current[path]
             if new is not None and (old is None or old.real != new.real):
-                self._send({"event": "retarget", "path": path, "target": new.real})
+                self._send(proto.Retarget(path, new.real))
         self._targets = current
         self._restart()
         self._send_changed(moved)
@@ -448,7 +304,7 @@ class _Helper:
         self._forwarder.roots = [t.real for t in targets]
         for path, target in self._targets.items():
             if target is None:
-                self._send({"event": "warning", "message": f"watched path does not exist: {path}"})
+                self._send(proto.HelperWarning(f"watched path does not exist: {path}"))
         if not self._spec.paths:
             self._send_watching("polling", "only touch files", targets)
             return
@@ -461,8 +317,6 @@ class _Helper:
     def _start_inotify(self, targets: list[_Target]) -> bool:
         """Start inotify; on failure set the polling reason, or warn when a path vanished."""
         try:
-            if self._spec.test_fail_inotify:
-                raise OSError(errno.ENOSPC, "inotify watch limit reached (forced by test_fail_inotify)")
             self._observer = self._launch(_new_inotify_observer(), targets, link_watches=True)
             error = _limit_error(self._observer)
             if error is not None:
@@ -471,7 +325,7 @@ class _Helper:
         except OSError as exc:
             self._stop_observer()
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):  # raced with a deploy: next check retries
-                self._send({"event": "warning", "message": f"watched path vanished while starting: {exc}"})
+                self._send(proto.HelperWarning(f"watched path vanished while starting: {exc}"))
                 return False
             self._poll_reason = f"inotify unavailable ({exc}); polling every {self._spec.poll_interval:g}s"
             return False
@@ -489,7 +343,7 @@ class _Helper:
             self._observer = self._launch(observer, targets, link_watches=False)
             return True
         except OSError as exc:
-            self._send({"event": "warning", "message": f"cannot watch by polling: {exc}"})
+            self._send(proto.HelperWarning(f"cannot watch by polling: {exc}"))
             return False
 
     def _launch(self, observer: BaseObserver, targets: list[_Target], link_watches: bool) -> BaseObserver:
@@ -521,15 +375,15 @@ class _Helper:
     # ---------------------------------------------------------------- messages
 
     def _send_watching(self, mode: str, reason: str | None, targets: list[_Target]) -> None:
-        self._send({"event": "watching", "mode": mode, "paths": [t.real for t in targets],
-                    "touch_files": list(self._spec.touch_files), "reason": reason})
+        self._send(proto.Watching(mode, [t.real for t in targets], list(self._spec.touch_files), reason))
 
     def _send_changed(self, paths: list[str]) -> None:
         if paths:
-            self._send({"event": "changed", "paths": paths})
+            self._send(proto.Changed(paths))
 
-    def _send(self, message: dict[str, Any]) -> None:
-        self._sock.sendall(channel.encode(message))
+    def _send(self, message: proto.Message) -> None:
+        if not self._chan.send(message):
+            raise BrokenPipeError("the master is gone")
 
 
 def _stop(observer: BaseObserver) -> None:
@@ -548,15 +402,16 @@ def _get(inbox: queue.Queue[_Item], timeout: float) -> _Item:
         return ("idle", None)
 
 
-def _watch_eof(sock: socket.socket, inbox: queue.Queue[_Item]) -> threading.Thread:
-    """A thread that reads (and ignores) the socket and reports its end."""
+def _watch_eof(chan: Channel, inbox: queue.Queue[_Item]) -> threading.Thread:
+    """A thread that waits for the master to close the channel (it sends the watcher
+    nothing) and reports it."""
 
     def run() -> None:
-        try:
-            while sock.recv(4096):
-                pass
-        except OSError:
-            pass
+        poller = select.poll()
+        poller.register(chan.sock, select.POLLIN)
+        while not chan.closed:
+            poller.poll()
+            chan.receive()
         inbox.put(("eof", None))
 
     thread = threading.Thread(target=run, name="watch-eof", daemon=True)
@@ -564,46 +419,23 @@ def _watch_eof(sock: socket.socket, inbox: queue.Queue[_Item]) -> threading.Thre
     return thread
 
 
-def _reset_signals() -> None:
-    """Drop the master's signal setup: the helper dies on SIGTERM and leaves
-    SIGINT/SIGHUP/SIGQUIT to the master, which ends it by closing the socket."""
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:  # not the main thread
-        return
-    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
-                signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU):
-        signal.signal(sig, signal.SIG_DFL)
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-
-
 def helper_main(sock: socket.socket, spec: WatchSpec) -> None:
-    """Body of the helper process: watch, report on `sock`, return at EOF.
+    """Body of the watcher process: watch, report on `sock`, return at EOF.
 
     Call it in a freshly forked child and `os._exit` when it returns.  It runs
     threads (the observer's) and never forks.
     """
-    _reset_signals()
-    sock.setblocking(True)
+    chan = Channel(sock, queue_sends=False)
     inbox: queue.Queue[_Item] = queue.Queue()
-    _watch_eof(sock, inbox)
-    helper = _Helper(sock, spec, inbox)
+    _watch_eof(chan, inbox)
+    watcher = Watcher(chan, spec, inbox)
     try:
-        helper.start()
-        helper.run()
+        watcher.start()
+        watcher.run()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the master is gone
     except Exception as exc:
-        _last_words(sock, exc)
+        chan.send(proto.HelperFailing(f"{type(exc).__name__}: {exc}"))
         raise
     finally:
-        helper.close()
-
-
-def _last_words(sock: socket.socket, exc: Exception) -> None:
-    try:
-        sock.sendall(channel.encode({"event": "error", "message": f"{type(exc).__name__}: {exc}"}))
-    except OSError:
-        pass
+        watcher.close()

@@ -1,9 +1,9 @@
 """Worker generations as explicit state, and the decisions taken on them.
 
-Nothing here touches a process, a clock or a file.  The master feeds events in
+Nothing here touches a process, a clock or a file.  The lifecycle feeds events in
 (`spawned`, `ready`, `exited`, `reload`, ...) with the current time, then asks
-`decide(now)` for the actions to carry out and `next_deadline()` for how long
-it may wait.  Tests replay event histories with a fake clock.
+`decide(now)` for the actions to carry out and `next_deadline()` for how long it may
+wait.  Tests replay event histories with a fake clock.
 
 Model
 -----
@@ -23,61 +23,44 @@ Generation states:  starting -> serving -> draining -> stopped
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from enum import Enum
+from typing import Mapping, Protocol, Union
+
+from supervisor.lifecycle.actions import (
+    Accept, Action, Drain, Exit, GenerationServing, Kill, Level, Log, Milestone, PoolEmpty, ReloadFailed, Spawn,
+)
+from supervisor.lifecycle.backoff import WORKER_RESPAWN
 
 STABLE_UPTIME = 10.0  # a worker up this long has proven itself: reset its slot's backoff
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 15.0
 
 
-# --------------------------------------------------------------------------- actions
+class WorkerState(str, Enum):
+    STARTING = "starting"  # forked, importing the app
+    READY = "ready"  # imported, waiting to be told to accept
+    SERVING = "serving"
+    DRAINING = "draining"  # told to stop accepting and finish
+    KILLED = "killed"  # SIGKILL sent
 
 
-@dataclass(frozen=True)
-class Spawn:
-    generation: int
-    slot: int
+class GenState(str, Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
-@dataclass(frozen=True)
-class Accept:
-    """Tell a booted worker to start accepting connections."""
+class Retire(str, Enum):
+    """How the pool empties at shutdown."""
 
-    pid: int
-
-
-@dataclass(frozen=True)
-class Drain:
-    """SIGTERM: stop accepting, finish in-flight requests, exit."""
-
-    pid: int
+    GRACEFUL = "graceful"  # drain every worker, kill what is left at the graceful timeout
+    FAST = "fast"  # kill every worker now
 
 
-@dataclass(frozen=True)
-class Kill:
-    """SIGKILL, logged with the reason."""
-
-    pid: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Notify:
-    """Something worth a log line (and maybe a Consul note): `event` plus fields."""
-
-    event: str
-    fields: Mapping[str, object]
-
-
-@dataclass(frozen=True)
-class Exit:
-    code: int
-    reason: str
-
-
-Action = Union[Spawn, Accept, Drain, Kill, Notify, Exit]
+BOOTING = (WorkerState.STARTING, WorkerState.READY)
+LEAVING = (WorkerState.DRAINING, WorkerState.KILLED)
 
 
 # --------------------------------------------------------------------------- state
@@ -90,7 +73,7 @@ class Worker:
     slot: int
     spawned_at: float
     last_seen: float
-    state: str = "starting"  # starting | ready | serving | draining | killed
+    state: WorkerState = WorkerState.STARTING
     ready_at: float | None = None
     deadline: float | None = None  # drain deadline while draining
     requests: int = 0
@@ -115,7 +98,7 @@ class Generation:
     reason: str
     started_at: float
     env: Mapping[str, str] = field(default_factory=dict)
-    state: str = "starting"  # starting | serving | draining | stopped | failed | superseded
+    state: GenState = GenState.STARTING
     rolling: bool = False
     first: bool = False
     ready_at: float | None = None
@@ -127,7 +110,7 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class Limits:
+class PoolLimits:
     workers: int
     boot_timeout: float
     graceful_timeout: float
@@ -135,9 +118,6 @@ class Limits:
     rolling: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
-    # Test-only negative control: retire the old generation when a reload starts, as gunicorn
-    # does, so tests can prove they notice the failures that causes.  Never set in production.
-    retire_early: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,46 +127,53 @@ class PendingReload:
     requested_at: float
 
 
+Output = Union[Action, Milestone]
+
+
+class Jitter(Protocol):
+    """Where --max-requests-jitter comes from (random.Random in the master, seeded in tests)."""
+
+    def randint(self, a: int, b: int) -> int: ...
+
+
 class Pool:
     """The bookkeeping of slots, workers and generations.  See the module docstring."""
 
-    def __init__(self, limits: Limits, rng: random.Random | None = None) -> None:
+    def __init__(self, limits: PoolLimits, rng: Jitter) -> None:
         self.limits = limits
         self.slots = [Slot(i + 1) for i in range(limits.workers)]
         self.workers: dict[int, Worker] = {}
         self.generations: dict[int, Generation] = {}
         self.pending: PendingReload | None = None
-        self.stopping: str | None = None  # None | "graceful" | "fast"
-        self.stop_deadline: float | None = None
-        self.exit: Exit | None = None
+        self.retiring: Retire | None = None
         self.last_reload: Generation | None = None
-        self._rng = rng or random.Random()
+        self._rng = rng
         self._next_generation = 1
-        self._out: list[Action] = []
+        self._out: list[Output] = []
         self._spawning: set[int] = set()  # slots with a Spawn emitted but not yet `spawned`
+        self._done = False  # the terminal output (Exit or PoolEmpty) was emitted
 
     # ------------------------------------------------------------------ queries
 
     def serving_generation(self) -> Generation | None:
-        """The newest generation whose workers serve (health is 200 while one exists)."""
-        serving = [g for g in self.generations.values() if g.state == "serving"]
+        """The newest generation whose workers serve."""
+        serving = [g for g in self.generations.values() if g.state == GenState.SERVING]
         return max(serving, key=lambda g: g.number) if serving else None
 
     def starting_generation(self) -> Generation | None:
-        return next((g for g in self.generations.values() if g.state == "starting"), None)
+        return next((g for g in self.generations.values() if g.state == GenState.STARTING), None)
 
     def alive_generations(self) -> set[int]:
         return {w.generation for w in self.workers.values()}
 
-    def worker(self, pid: int) -> Worker | None:
-        return self.workers.get(pid)
+    def serving_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.state == WorkerState.SERVING]
 
     def handoff_target(self, sender: int) -> int | None:
         """Who serves a connection that draining worker `sender` accepted too late: the
         serving worker of the newest generation with the fewest requests, if it is newer."""
         w = self.workers.get(sender)
-        candidates = [c for c in self.workers.values() if c.state == "serving"
-                      and (w is None or c.generation > w.generation)]
+        candidates = [c for c in self.serving_workers() if w is None or c.generation > w.generation]
         if not candidates:
             return None
         newest = max(c.generation for c in candidates)
@@ -207,21 +194,22 @@ class Pool:
         supersede=True (SIGHUP, KV change): a generation still booting is abandoned so the newest
         code wins.  supersede=False (file watcher): it is left to finish and one more reload is
         queued after it.  Either way a burst of requests leaves exactly one pending reload."""
-        if self.stopping:
+        if self.retiring:
             return
         self.pending = PendingReload(reason, env, now)
         booting = self.starting_generation()
         if booting and supersede and not booting.first:
-            self._abandon(now, booting, "superseded", f"superseded by a newer reload ({reason})")
+            self._abandon(now, booting, GenState.SUPERSEDED, f"superseded by a newer reload ({reason})")
 
     def spawn_failed(self, now: float, generation: int, slot: int, error: str) -> None:
         """fork() itself failed (out of memory, pid limit): retry that slot with backoff."""
         self._spawning.discard(slot)
         s = self.slots[slot - 1]
         s.failures += 1
-        s.spawn_at = now + min(BACKOFF_CAP, BACKOFF_BASE * 2 ** max(0, s.failures - 1))
-        self._emit(Notify("spawn_failed", {"worker": slot, "generation": generation, "error": error}),
-                   level="error")
+        s.spawn_at = now + WORKER_RESPAWN.delay(s.failures)
+        s.generation = generation
+        self._emit(Log("spawn_failed", {"worker": slot, "generation": generation, "error": error},
+                       Level.ERROR))
 
     def spawned(self, now: float, generation: int, slot: int, pid: int) -> None:
         self._spawning.discard(slot)
@@ -229,15 +217,15 @@ class Pool:
         limit = self.limits.max_requests + (self._rng.randint(0, jitter) if jitter else 0)
         self.workers[pid] = Worker(pid, generation, slot, now, now,
                                    max_requests=limit if self.limits.max_requests else 0)
-        self._emit(Notify("worker_spawned", {"worker": slot, "generation": generation, "worker_pid": pid}))
+        self._emit(Log("worker_spawned", {"worker": slot, "generation": generation, "worker_pid": pid}))
 
     def ready(self, now: float, pid: int) -> None:
         w = self.workers.get(pid)
-        if w is None or w.state != "starting":
+        if w is None or w.state != WorkerState.STARTING:
             return
-        w.state, w.ready_at, w.last_seen = "ready", now, now
-        self._emit(Notify("worker_ready", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
-                                           "boot_seconds": round(now - w.spawned_at, 3)}))
+        w.state, w.ready_at, w.last_seen = WorkerState.READY, now, now
+        self._emit(Log("worker_ready", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
+                                        "boot_seconds": round(now - w.spawned_at, 3)}))
 
     def heartbeat(self, now: float, pid: int, requests: int, drained: int = 0) -> None:
         """A worker's periodic report: requests served so far, and since it began draining."""
@@ -246,7 +234,7 @@ class Pool:
             return
         w.last_seen = now
         w.requests, w.drained_requests = requests, drained
-        if w.max_requests and requests >= w.max_requests and w.state == "serving":
+        if w.max_requests and requests >= w.max_requests and w.state == WorkerState.SERVING:
             self.recycle(now, pid, f"max-requests ({w.max_requests})")
 
     def boot_error(self, now: float, pid: int, error: str) -> None:
@@ -257,11 +245,17 @@ class Pool:
     def recycle(self, now: float, pid: int, reason: str) -> None:
         """Replace one serving worker through the ready-before-retire path."""
         w = self.workers.get(pid)
-        if w is None or w.state != "serving" or w.recycle or self.stopping:
+        if w is None or w.state != WorkerState.SERVING or w.recycle or self.retiring:
             return
         w.recycle = reason
-        self._emit(Notify("worker_recycle", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
-                                             "reason": reason}))
+        self._emit(Log("worker_recycle", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
+                                          "reason": reason}))
+
+    def unreachable(self, now: float, pid: int) -> None:
+        """Its channel broke: a worker we cannot talk to is killed (and replaced)."""
+        w = self.workers.get(pid)
+        if w is not None:
+            self._kill(w, "its channel to the master broke")
 
     def exited(self, now: float, pid: int, status: str) -> bool:
         """A child exited.  Returns False for pids that are not workers (orphans, helpers)."""
@@ -269,41 +263,40 @@ class Pool:
         if w is None:
             return False
         gen = self.generations.get(w.generation)
-        expected = w.state in ("draining", "killed")
+        expected = w.state in LEAVING
         fields: dict[str, object] = {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
-                                     "status": status, "state": w.state, "requests": w.requests}
-        if w.state == "draining":
+                                     "status": status, "state": w.state.value, "requests": w.requests}
+        if w.state == WorkerState.DRAINING:
             fields["drained_requests"] = w.drained_requests
             if gen is not None:
                 gen.drained_requests += w.drained_requests
-        self._emit(Notify("worker_exited", fields), level="info" if expected else "warning")
+        self._emit(Log("worker_exited", fields, Level.INFO if expected else Level.WARNING))
         slot = self.slots[w.slot - 1]
         if slot.serving == pid:
             slot.serving = None
             self._schedule_respawn(now, slot, w)
-        elif w.state in ("starting", "ready") and gen is not None and gen.state == "starting":
+        elif w.state in BOOTING and gen is not None and gen.state == GenState.STARTING:
             self._replacement_died(now, gen, slot, w)
-        elif w.state in ("starting", "ready") and not self.stopping:
+        elif w.state in BOOTING:
             self._schedule_respawn(now, slot, w)  # a respawn or recycle replacement that died
         return True
 
-    def shutdown(self, now: float, fast: bool) -> None:
-        if self.stopping == "fast" or (self.stopping and not fast):
+    def retire_all(self, now: float, how: Retire) -> None:
+        """Shutdown: empty the pool (drain, or kill at once).  FAST may follow GRACEFUL."""
+        if self.retiring == Retire.FAST or self.retiring == how:
             return
-        self.stopping = "fast" if fast else "graceful"
+        self.retiring = how
         self.pending = None
-        self.stop_deadline = now + self.limits.graceful_timeout
-        self._emit(Notify("shutdown_begun", {"mode": self.stopping,
-                                             "graceful_timeout": self.limits.graceful_timeout}))
+        self._emit(Log("shutdown_begun", {"mode": how.value, "graceful_timeout": self.limits.graceful_timeout}))
 
     # ------------------------------------------------------------------ decisions
 
-    def decide(self, now: float) -> list[Action]:
+    def decide(self, now: float) -> list[Output]:
         """Everything that is due at `now`.  Call after feeding events; carry the actions out."""
-        if self.exit is not None:
+        if self._done:
             return self._flush()
-        if self.stopping:
-            self._decide_stop(now)
+        if self.retiring:
+            self._decide_retire(now)
             return self._flush()
         self._check_timeouts(now)
         self._advance_starting(now)
@@ -316,27 +309,23 @@ class Pool:
         """The earliest time at which `decide` may have something new to do."""
         times: list[float] = []
         for w in self.workers.values():
-            if w.state == "starting":
+            if w.state == WorkerState.STARTING:
                 times.append(w.spawned_at + self.limits.boot_timeout)
-            elif w.state == "draining" and w.deadline is not None:
+            elif w.state == WorkerState.DRAINING and w.deadline is not None:
                 times.append(w.deadline)
-            elif w.state in ("ready", "serving") and self.limits.worker_timeout:
+            elif w.state in (WorkerState.READY, WorkerState.SERVING) and self.limits.worker_timeout:
                 times.append(w.last_seen + self.limits.worker_timeout)
         times += [s.spawn_at for s in self.slots if s.spawn_at is not None]
-        if self.stopping and self.stop_deadline is not None:
-            times.append(self.stop_deadline)
         return min(times) if times else None
 
     # ------------------------------------------------------------------ internals
 
-    def _emit(self, action: Action, level: str = "info") -> None:
-        if isinstance(action, Spawn):
-            self._spawning.add(action.slot)
-        if isinstance(action, Notify) and level != "info":
-            action = Notify(action.event, {**action.fields, "level": level})
-        self._out.append(action)
+    def _emit(self, output: Output) -> None:
+        if isinstance(output, Spawn):
+            self._spawning.add(output.slot)
+        self._out.append(output)
 
-    def _flush(self) -> list[Action]:
+    def _flush(self) -> list[Output]:
         out, self._out = self._out, []
         return out
 
@@ -349,44 +338,44 @@ class Pool:
         self.generations[number] = gen
         return gen
 
+    def _spawn(self, generation: int, slot: int) -> None:
+        gen = self.generations.get(generation)
+        self._emit(Spawn(generation, slot, gen.env if gen else {}))
+
     def _check_timeouts(self, now: float) -> None:
         for w in list(self.workers.values()):
-            if w.state == "starting" and now >= w.spawned_at + self.limits.boot_timeout:
+            if w.state == WorkerState.STARTING and now >= w.spawned_at + self.limits.boot_timeout:
                 gen = self.generations[w.generation]
-                if gen.state == "starting" and not gen.first:
+                if gen.state == GenState.STARTING and not gen.first:
                     self._fail(now, gen, f"boot timeout: worker {w.slot} not ready after "
                                          f"{self.limits.boot_timeout:g}s")
                 else:
                     self._kill(w, f"boot timeout ({self.limits.boot_timeout:g}s)")
-            elif w.state == "draining" and w.deadline is not None and now >= w.deadline:
+            elif w.state == WorkerState.DRAINING and w.deadline is not None and now >= w.deadline:
                 self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)")
-            elif (w.state in ("ready", "serving") and self.limits.worker_timeout
+            elif (w.state in (WorkerState.READY, WorkerState.SERVING) and self.limits.worker_timeout
                   and now >= w.last_seen + self.limits.worker_timeout):
                 self._kill(w, f"no heartbeat for {self.limits.worker_timeout:g}s")
-        first = next((g for g in self.generations.values() if g.first and g.state == "starting"), None)
+        first = next((g for g in self.generations.values() if g.first and g.state == GenState.STARTING), None)
         if first and now >= first.started_at + self.limits.boot_timeout and not self._any_serving():
             self._exit_unbootable(first, f"no worker ready after {self.limits.boot_timeout:g}s")
 
     def _any_serving(self) -> bool:
         return any(s.serving is not None for s in self.slots)
 
+    def _all_slots_on(self, generation: int) -> bool:
+        return all(s.serving is not None and self.workers[s.serving].generation == generation
+                   for s in self.slots)
+
     def _advance_starting(self, now: float) -> None:
         gen = self.starting_generation()
         if gen is None:
             return
-        if gen.first:
-            for w in self._workers_of(gen.number, "ready"):
-                self._swap_in(now, w)
-            if all(s.serving is not None and self.workers[s.serving].generation == gen.number
-                   for s in self.slots):
-                self._mark_serving(now, gen)
-            return
-        ready = self._workers_of(gen.number, "ready")
-        if gen.rolling:
+        ready = self._workers_of(gen.number, WorkerState.READY)
+        if gen.first or gen.rolling:
             for w in ready:
                 self._swap_in(now, w)
-            if all(s.serving is not None and self.workers[s.serving].generation == gen.number
-                   for s in self.slots):
+            if self._all_slots_on(gen.number):
                 self._mark_serving(now, gen)
             return
         if len(ready) == len(self.slots):
@@ -408,39 +397,36 @@ class Pool:
             self._drain(now, self.workers[old])
         slot.serving, slot.generation = w.pid, w.generation
         slot.spawn_at = None
-        w.state = "serving"
+        w.state = WorkerState.SERVING
         self._emit(Accept(w.pid))
 
     def _mark_serving(self, now: float, gen: Generation) -> None:
-        gen.state, gen.ready_at = "serving", now
+        gen.state, gen.ready_at = GenState.SERVING, now
         self.last_reload = gen
-        self._emit(Notify("generation_ready", {"generation": gen.number, "reason": gen.reason,
-                                               "boot_seconds": round(now - gen.started_at, 3),
-                                               "first": gen.first}))
+        self._emit(Log("generation_ready", {"generation": gen.number, "reason": gen.reason,
+                                            "boot_seconds": round(now - gen.started_at, 3),
+                                            "first": gen.first}))
+        self._emit(GenerationServing(gen.number, gen.first))
         for old in self.generations.values():
-            if old.number != gen.number and old.state == "serving" and not self._serving_workers(old.number):
-                old.state = "draining"
+            if (old.number != gen.number and old.state == GenState.SERVING
+                    and not self._serving_workers(old.number)):
+                old.state = GenState.DRAINING
 
     def _start_pending(self, now: float) -> None:
         """Start the queued reload once nothing else is booting, draining or dying, so at most
         two generations are ever alive: the serving one and the new one."""
         if self.pending is None or not self._any_serving():
             return
-        if any(w.state in ("starting", "ready", "draining", "killed") for w in self.workers.values()):
+        if any(w.state != WorkerState.SERVING for w in self.workers.values()):
             return
         pending, self.pending = self.pending, None
         gen = self._new_generation(now, pending.reason, pending.env)
-        self._emit(Notify("reload_started", {"generation": gen.number, "reason": gen.reason,
-                                             "strategy": "rolling" if gen.rolling else "generation",
-                                             "waited": round(now - pending.requested_at, 3)}))
-        if self.limits.retire_early:
-            for slot in self.slots:
-                if slot.serving is not None:
-                    self._drain(now, self.workers[slot.serving])
-                    slot.serving = None
+        self._emit(Log("reload_started", {"generation": gen.number, "reason": gen.reason,
+                                          "strategy": "rolling" if gen.rolling else "generation",
+                                          "waited": round(now - pending.requested_at, 3)}))
         if not gen.rolling:  # rolling spawns one at a time in _roll_next
             for slot in self.slots:
-                self._emit(Spawn(gen.number, slot.index))
+                self._spawn(gen.number, slot.index)
 
     def _fill_slots(self, now: float) -> None:
         gen = self.starting_generation()
@@ -450,65 +436,62 @@ class Pool:
             if slot.serving is None:
                 if slot.spawn_at is not None and now >= slot.spawn_at and not self._slot_booting(slot):
                     slot.spawn_at = None
-                    self._emit(Spawn(slot.generation, slot.index))
+                    self._spawn(slot.generation, slot.index)
                 continue
             w = self.workers[slot.serving]
             if w.recycle and not self._slot_booting(slot) and (gen is None or gen.first):
-                self._emit(Spawn(w.generation, slot.index))
+                self._spawn(w.generation, slot.index)
 
     def _roll_next(self, gen: Generation) -> None:
         """Rolling: one replacement at a time, never more than workers + 1 processes alive."""
-        if self._spawning or any(w.generation == gen.number and w.state in ("starting", "ready")
-                                 for w in self.workers.values()):
+        if self._spawning or self._workers_of(gen.number, *BOOTING):
             return
         if len(self.workers) > len(self.slots):
             return
         todo = [s for s in self.slots if s.serving is None or self.workers[s.serving].generation != gen.number]
         if todo:
-            self._emit(Spawn(gen.number, todo[0].index))
+            self._spawn(gen.number, todo[0].index)
 
     def _slot_booting(self, slot: Slot) -> bool:
-        return slot.index in self._spawning or any(w.slot == slot.index and w.state in ("starting", "ready") for w in self.workers.values())
+        return slot.index in self._spawning or any(
+            w.slot == slot.index and w.state in BOOTING for w in self.workers.values())
 
     def _serving_workers(self, generation: int) -> list[Worker]:
         return [self.workers[s.serving] for s in self.slots
                 if s.serving is not None and self.workers[s.serving].generation == generation]
 
-    def _workers_of(self, generation: int, state: str) -> list[Worker]:
-        return [w for w in self.workers.values() if w.generation == generation and w.state == state]
+    def _workers_of(self, generation: int, *states: WorkerState) -> list[Worker]:
+        return [w for w in self.workers.values() if w.generation == generation and w.state in states]
 
     def _finish_generations(self, now: float) -> None:
         """Recycle replacements and generation bookkeeping: serving -> draining -> stopped."""
-        for slot in self.slots:
-            for w in [w for w in self.workers.values() if w.slot == slot.index and w.state == "ready"]:
-                gen = self.generations[w.generation]
-                if gen.state != "starting":  # a respawn or a recycle replacement: accept at once
-                    self._swap_in(now, w)
+        for w in [w for w in self.workers.values() if w.state == WorkerState.READY]:
+            if self.generations[w.generation].state != GenState.STARTING:
+                self._swap_in(now, w)  # a respawn or a recycle replacement: accept at once
         for gen in self.generations.values():
             alive = any(w.generation == gen.number for w in self.workers.values())
-            if gen.state == "serving" and not self._serving_workers(gen.number):
+            if gen.state == GenState.SERVING and not self._serving_workers(gen.number):
                 newer = self.serving_generation()
                 if newer is not None and newer.number > gen.number:
-                    gen.state = "draining"
-            if gen.state == "draining" and not alive:
-                gen.state, gen.finished_at = "stopped", now
+                    gen.state = GenState.DRAINING
+            if gen.state == GenState.DRAINING and not alive:
+                gen.state, gen.finished_at = GenState.STOPPED, now
             self._log_outcome(now, gen)
 
     def _log_outcome(self, now: float, gen: Generation) -> None:
         """One reload_finished per reload, once its outcome is final."""
         if gen.first or gen.outcome_logged:
             return
-        if gen.state in ("failed", "superseded"):
-            outcome = gen.state
-        elif gen.state == "serving":
-            prev = self.generations.get(gen.previous) if gen.previous else None
-            if prev is not None and prev.state not in ("stopped",):
+        prev = self.generations.get(gen.previous) if gen.previous else None
+        if gen.state in (GenState.FAILED, GenState.SUPERSEDED):
+            outcome = gen.state.value
+        elif gen.state == GenState.SERVING:
+            if prev is not None and prev.state != GenState.STOPPED:
                 return  # wait until the old generation has drained
             outcome = "succeeded"
         else:
             return
         gen.outcome_logged = True
-        prev = self.generations.get(gen.previous) if gen.previous else None
         fields: dict[str, object] = {"generation": gen.number, "reason": gen.reason, "outcome": outcome,
                                      "duration": round(now - gen.started_at, 3),
                                      "drained_requests": prev.drained_requests if prev else 0}
@@ -516,7 +499,7 @@ class Pool:
             fields["ready_after"] = round(gen.ready_at - gen.started_at, 3)
         if gen.error:
             fields["error"] = gen.error
-        self._emit(Notify("reload_finished", fields), level="info" if outcome == "succeeded" else "warning")
+        self._emit(Log("reload_finished", fields, Level.INFO if outcome == "succeeded" else Level.WARNING))
 
     def _replacement_died(self, now: float, gen: Generation, slot: Slot, w: Worker) -> None:
         if gen.first:
@@ -528,64 +511,64 @@ class Pool:
         self._fail(now, gen, w.boot_error or f"worker {w.slot} exited before ready")
 
     def _fail(self, now: float, gen: Generation, error: str) -> None:
-        self._abandon(now, gen, "failed", error)
-        self._emit(Notify("reload_failed", {"generation": gen.number, "reason": gen.reason, "error": error}),
-                   level="error")
+        self._abandon(now, gen, GenState.FAILED, error)
+        self._emit(Log("reload_failed", {"generation": gen.number, "reason": gen.reason, "error": error},
+                       Level.ERROR))
+        self._emit(ReloadFailed(gen.number, error))
         self.last_reload = gen
 
-    def _abandon(self, now: float, gen: Generation, state: str, error: str) -> None:
+    def _abandon(self, now: float, gen: Generation, state: GenState, error: str) -> None:
         """Kill a generation's replacements.  They never accepted a connection, so SIGKILL is
         safe; workers already swapped in (rolling) keep serving."""
         gen.state, gen.error, gen.finished_at = state, error, now
-        for w in list(self.workers.values()):
-            if w.generation == gen.number and w.state in ("starting", "ready"):
-                self._kill(w, state)
+        for w in self._workers_of(gen.number, *BOOTING):
+            self._kill(w, state.value)
 
     def _exit_unbootable(self, gen: Generation, error: str) -> None:
-        gen.state, gen.error = "failed", error
+        gen.state, gen.error = GenState.FAILED, error
         for w in list(self.workers.values()):
             self._kill(w, "first generation failed")
-        self.exit = Exit(3, error)
-        self._emit(self.exit)
+        self._done = True
+        self._emit(Exit(3, error))
 
     def _schedule_respawn(self, now: float, slot: Slot, w: Worker) -> None:
-        if self.stopping:
+        if self.retiring:
             return
         stable = w.ready_at is not None and now - w.ready_at >= STABLE_UPTIME
         slot.failures = 1 if stable else slot.failures + 1
-        delay = 0.0 if slot.failures <= 1 else min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (slot.failures - 2))
+        delay = WORKER_RESPAWN.delay(slot.failures)
         slot.spawn_at = now + delay
         slot.generation = w.generation
         if delay:
-            self._emit(Notify("worker_backoff", {"worker": slot.index, "failures": slot.failures,
-                                                 "delay": delay}), level="warning")
+            self._emit(Log("worker_backoff", {"worker": slot.index, "failures": slot.failures, "delay": delay},
+                           Level.WARNING))
 
     def _drain(self, now: float, w: Worker) -> None:
-        if w.state in ("draining", "killed"):
+        if w.state in LEAVING:
             return
-        w.state, w.deadline = "draining", now + self.limits.graceful_timeout
+        w.state, w.deadline = WorkerState.DRAINING, now + self.limits.graceful_timeout
         self._emit(Drain(w.pid))
 
     def _kill(self, w: Worker, reason: str) -> None:
-        if w.state == "killed":
+        if w.state == WorkerState.KILLED:
             return
-        w.state = "killed"
+        w.state = WorkerState.KILLED
         self._emit(Kill(w.pid, reason))
-        self._emit(Notify("worker_killed", {"worker": w.slot, "generation": w.generation, "worker_pid": w.pid,
-                                            "reason": reason}), level="warning")
+        self._emit(Log("worker_killed", {"worker": w.slot, "generation": w.generation, "worker_pid": w.pid,
+                                         "reason": reason}, Level.WARNING))
 
-    def _decide_stop(self, now: float) -> None:
+    def _decide_retire(self, now: float) -> None:
         for w in list(self.workers.values()):
-            if self.stopping == "fast":
+            if self.retiring == Retire.FAST:
                 self._kill(w, "fast shutdown")
-            elif w.state == "serving":
+            elif w.state == WorkerState.SERVING:
                 self._drain(now, w)
-            elif w.state in ("starting", "ready"):
+            elif w.state in BOOTING:
                 self._kill(w, "shutdown before ready")
-            elif w.state == "draining" and w.deadline is not None and now >= w.deadline:
+            elif w.state == WorkerState.DRAINING and w.deadline is not None and now >= w.deadline:
                 self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)")
         for slot in self.slots:
             slot.serving, slot.spawn_at = None, None
         if not self.workers:
-            self.exit = Exit(0, "shutdown complete")
-            self._emit(self.exit)
+            self._done = True
+            self._emit(PoolEmpty())

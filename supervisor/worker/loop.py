@@ -1,35 +1,22 @@
-"""A worker process: imports the app, then serves HTTP on the inherited sockets.
-
-Life: forked by the master -> reset signals and fds -> import the app (a failure is
-reported as `boot_error` and the worker exits 3) -> report `ready` -> wait for the
-master's `accept` -> serve -> on SIGTERM (or the master's death) drain and exit 0.
-
-The worker never accepts before the master says so: that is how a whole new
-generation can boot while the old one keeps serving, and swap in only after the
-old one stopped accepting.
-"""
+"""The worker's event loop: epoll over the listeners, the client connections, the
+master's channel and the signal wakeup pipe."""
 
 from __future__ import annotations
 
-import ctypes
-import importlib
-import importlib.machinery
 import os
 import queue
 import select
 import signal
 import socket
-import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NoReturn
+from typing import Any, Callable
 
-from supervisor import logs
+from supervisor import proto
 from supervisor.channel import Channel
-from supervisor.helpers import close_inherited_fds
-from supervisor.http import Connection, Handler, Limits
+from supervisor.worker.http import Connection
+from supervisor.worker.spec import WorkerSpec
+from supervisor.worker.wsgi import Handler
 
 HEARTBEAT_INTERVAL = 1.0
 DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
@@ -38,141 +25,6 @@ ACCEPT_BATCH = 16  # connections accepted per listener wakeup
 SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their timeout
 FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may take to send its request
 LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
-EXIT_BOOT_FAILED = 3
-PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    target: str
-    chdir: str | None
-    generation: int
-    slot: int
-    env: Mapping[str, str]
-    threads: int
-    keepalive_timeout: float
-    limits: Limits
-    access_log: bool
-    log_level: str
-    log_format: str
-    master_pid: int
-
-
-def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> NoReturn:
-    """The whole life of a worker.  Never returns."""
-    code = 1
-    try:
-        code = _run(spec, listeners, chan_sock)
-    finally:
-        os._exit(code)
-
-
-def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
-    wake_r = _reset_process(spec, listeners, chan_sock)
-    logs.configure(spec.log_level, spec.log_format, role="worker", generation=spec.generation,
-                   worker=spec.slot)
-    log = logs.get()
-    chan = Channel(chan_sock)
-    app_or_error = load_app(spec)
-    if isinstance(app_or_error, str):
-        log.error("boot_failed", error=app_or_error.splitlines()[0], traceback=app_or_error)
-        chan.send(t="boot_error", error=app_or_error.splitlines()[0])
-        return EXIT_BOOT_FAILED
-    loop = WorkerLoop(spec, app_or_error, listeners, chan, wake_r, log)
-    chan.send(t="ready")
-    loop.run()
-    loop.beat()  # the final count, read by the master before it handles our exit
-    return 0
-
-
-def _reset_process(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
-    """Undo what the worker inherited from the master: signal dispositions, the wakeup fd,
-    and every descriptor but stdio, the listeners and its own channel."""
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
-                signal.SIGTTIN, signal.SIGTTOU, signal.SIGALRM, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it: EPIPE instead of death
-    # A stray `pkill -HUP` or a Ctrl-C to the process group must not kill a worker: the master
-    # decides when workers go.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    close_inherited_fds({chan_sock.fileno(), *(s.fileno() for s in listeners)})
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.signal(signal.SIGTERM, _wake_only)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    _die_with_master(spec.master_pid)
-    os.environ.update(spec.env)
-    code_dir = os.path.realpath(spec.chdir) if spec.chdir else os.getcwd()
-    if spec.chdir:
-        os.chdir(code_dir)
-    sys.path.insert(0, code_dir)
-    _use_precise_bytecode_cache(code_dir)
-    return wake_r
-
-
-def _wake_only(signum: int, frame: Any) -> None:
-    """Signal handlers only wake the loop (through the wakeup fd); the loop does the work."""
-
-
-def _die_with_master(master_pid: int) -> None:
-    """If the master dies, get SIGTERM (drain and exit) instead of serving on as an orphan."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != master_pid:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-class _PreciseMtimeLoader(importlib.machinery.SourceFileLoader):
-    """CPython validates a cached .pyc by the source's mtime in whole seconds and its size.
-    A same-size edit within the same second (a one-character fix deployed right after the
-    previous one) would then import the stale bytecode and serve the old code.  For the
-    code directory we key the cache on the microsecond mtime instead."""
-
-    def path_stats(self, path: str) -> dict[str, int]:
-        st = os.stat(path)
-        return {"mtime": (st.st_mtime_ns // 1000) & 0xFFFFFFFF, "size": st.st_size}
-
-
-def _use_precise_bytecode_cache(code_dir: str) -> None:
-    machinery = importlib.machinery
-    finder_hook = machinery.FileFinder.path_hook(
-        (machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
-        (_PreciseMtimeLoader, machinery.SOURCE_SUFFIXES),
-        (machinery.SourcelessFileLoader, machinery.BYTECODE_SUFFIXES))
-    prefix = code_dir.rstrip(os.sep) + os.sep
-
-    def hook(path: str) -> Any:
-        real = os.path.realpath(path or ".")
-        if real != code_dir and not real.startswith(prefix):
-            raise ImportError("not in the code directory")  # let the default finder handle it
-        return finder_hook(path)
-
-    sys.path_hooks.insert(0, hook)
-    sys.path_importer_cache.clear()
-
-
-def load_app(spec: WorkerSpec) -> Callable | str:
-    """Import the WSGI callable.  Returns it, or the error text (first line, then traceback)."""
-    module_name, _, attr = spec.target.partition(":")
-    attr = attr or "application"
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        return f"AttributeError: module {module_name!r} has no attribute {attr!r}"
-    except BaseException as exc:  # noqa: BLE001 - any import failure is a boot failure
-        first = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, SyntaxError):
-            first = f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
-        return first + "\n" + traceback.format_exc()
-    if not callable(obj):
-        return f"TypeError: {spec.target} is not callable"
-    return obj
 
 
 class WorkerLoop:
@@ -188,7 +40,7 @@ class WorkerLoop:
         self.log = log
         self.ep = select.epoll()
         self.conns: dict[int, Connection] = {}
-        self.owned: set[int] = set()  # connections being served by a pool thread
+        self.owned: set[int] = set()  # connections being served by an app thread
         self.polled: set[int] = set()  # connections registered with epoll
         self.lingering: dict[int, float] = {}  # fd -> close deadline
         self.accepting = False
@@ -206,15 +58,14 @@ class WorkerLoop:
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
-        self.pool: ThreadPoolExecutor | None = None
+        self.executor: ThreadPoolExecutor | None = None
         self.done: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
         self.done_r = self.done_w = -1
         if spec.threads > 1:
-            self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="app")
+            self.executor = ThreadPoolExecutor(spec.threads, thread_name_prefix="app")
             self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.ep.register(self.done_r, select.EPOLLIN)
         self.ep.register(wake_r, select.EPOLLIN)
-        self.chan.sock.setblocking(False)
         self.ep.register(chan.fileno(), select.EPOLLIN)
         self.listener_fds = {s.fileno(): s for s in listeners}
         self.tcp_listeners = {s.fileno() for s in listeners if s.family != socket.AF_UNIX}
@@ -247,16 +98,14 @@ class WorkerLoop:
                 # Timeouts are whole seconds: sweeping every connection on every event would make
                 # each request cost O(open connections).
                 next_sweep = max(self._expire(now), now + SWEEP_INTERVAL)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
 
     def beat(self) -> None:
         """Heartbeat: proves the loop turns, and reports requests served (and since draining)."""
         served = self.handler.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
-        self.chan.sock.setblocking(True)
-        self.chan.send(t="hb", r=served, d=drained)
-        self.chan.sock.setblocking(False)
+        self.chan.send(proto.Beat(served, drained))
 
     def _expires_at(self, conn: Connection) -> float:
         """An idle connection (between requests) gets the keep-alive timeout, or DRAIN_IDLE
@@ -292,12 +141,12 @@ class WorkerLoop:
             self._begin_drain("SIGTERM")
 
     def _on_master(self) -> None:
-        for message in self.chan.receive():
-            if message.get("cmd") == "accept" and not self.draining:
+        for received in self.chan.receive():
+            if isinstance(received.message, proto.StartAccepting) and not self.draining:
                 self.accept_enabled = True
                 self._set_accepting(True)
-            elif message.get("cmd") == "conn" and self.chan.fds:
-                self._adopt(self.chan.fds.popleft())
+            elif received.fd is not None:
+                self._adopt(received.fd)
         if self.chan.closed:
             self.ep.unregister(self.chan.fileno())
             self._begin_drain("master gone")
@@ -364,7 +213,7 @@ class WorkerLoop:
     def _hand_off(self, sock: socket.socket) -> None:
         """Give a connection accepted too late to the master (SCM_RIGHTS), which passes it to a
         worker of the newest generation, so its client never gets the old code."""
-        sent = self.chan.send_fd(sock.fileno(), t="handoff")
+        sent = self.chan.send(proto.Handoff(), fd=sock.fileno())
         self.log.info("connection_handed_off", sent=sent)
         sock.close()  # our copy; the master holds its own
 
@@ -406,14 +255,14 @@ class WorkerLoop:
         conn.feed(data)
         if conn.error is None and not conn.dispatchable():
             return
-        if self.pool is None:
+        if self.executor is None:
             self._served(conn, self.handler.serve(conn))
         else:
             self._unwatch(conn)
             self.owned.add(fd)
             if len(self.owned) >= self.spec.threads:
                 self._set_accepting(False)  # saturated: let other workers take new connections
-            self.pool.submit(self._serve_in_thread, conn)
+            self.executor.submit(self._serve_in_thread, conn)
 
     def _serve_in_thread(self, conn: Connection) -> None:
         keep = False

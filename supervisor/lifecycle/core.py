@@ -1,0 +1,307 @@
+r"""Lifecycle: every decision of the master, as one pure state machine.
+
+The master reports what happened (`handle(event, now)`), then asks what to do
+(`decide(now)`) and when to ask again (`next_deadline()`).  `drive` is that loop, shared
+by the master and the tests' simulator:
+
+    signals ----------\                          /--> Spawn, Accept, Drain, Kill
+    child messages ----+--> Lifecycle.handle    +---> Tell (a message to a child)
+    child exits -------+        |                +---> Forward (a handed-off connection)
+    fork outcomes -----+   Lifecycle.decide ----+---> StartHelper, Measure
+    measurements -----/   (pool, shutdown,      \--> Log, Exit
+                           helpers, Consul link,
+                           debounce, timers)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from supervisor import proto
+from supervisor.lifecycle.actions import (
+    Action, Exit, Forward, GenerationServing, Kill, Level, Log, Measure, PoolEmpty, ReloadFailed, StartHelper,
+    Tell,
+)
+from supervisor.lifecycle.consul_link import ConsulLink
+from supervisor.lifecycle.debounce import Debouncer
+from supervisor.lifecycle.events import (
+    Event, Exited, HelperStarted, HelperStartFailed, Measured, Said, SendFailed, Signalled, Spawned, SpawnFailed,
+)
+from supervisor.lifecycle.helpers import HelperSlot
+from supervisor.lifecycle.pool import Jitter, Pool, PoolLimits, Retire
+from supervisor.lifecycle.shutdown import RetirePool, Shutdown, ShutdownTimes, StartWithdraw, Step
+
+WATCHER, CONSUL = "watcher", "consul"
+MEASURE_INTERVAL = 5.0  # how often serving workers' memory is checked against --max-rss
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The settings the lifecycle decides with (built by the master from the Config)."""
+
+    pool: PoolLimits
+    shutdown: ShutdownTimes
+    watcher: bool = False
+    debounce: float = 0.3
+    consul_ttl: float | None = None  # None: no Consul helper
+    max_rss: int = 0  # bytes; 0: never measured
+
+
+class Lifecycle:
+    def __init__(self, plan: Plan, env: Mapping[str, str], rng: Jitter) -> None:
+        self.plan = plan
+        self.env = dict(env)
+        self.pool = Pool(plan.pool, rng)
+        self.shutdown = Shutdown(plan.shutdown)
+        self.helpers: dict[str, HelperSlot] = {}
+        self.debouncer: Debouncer | None = None
+        self.consul: ConsulLink | None = None
+        if plan.watcher:
+            self.helpers[WATCHER] = HelperSlot(WATCHER)
+            self.debouncer = Debouncer(plan.debounce)
+        if plan.consul_ttl is not None:
+            self.helpers[CONSUL] = HelperSlot(CONSUL)
+            self.consul = ConsulLink(plan.consul_ttl)
+        self.next_measure: float | None = None
+        self._withdraw_on_start = False  # the Consul helper must withdraw as soon as it runs
+        self._out: list[Action] = []
+        self._exit: Exit | None = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def healthy(self) -> bool:
+        """A generation serves and no shutdown has begun."""
+        return self.shutdown.running and self.pool.serving_generation() is not None
+
+    def helper_named(self, pid: int) -> HelperSlot | None:
+        return next((h for h in self.helpers.values() if h.pid == pid), None)
+
+    # ------------------------------------------------------------------ events
+    def start(self, now: float) -> None:
+        for helper in self.helpers.values():
+            helper.start_at = now
+        self.pool.start(now, self.env)
+        if self.plan.max_rss:
+            self.next_measure = now + MEASURE_INTERVAL
+
+    def handle(self, event: Event, now: float) -> None:
+        if isinstance(event, Signalled):
+            self._signalled(event.name, now)
+        elif isinstance(event, Spawned):
+            self.pool.spawned(now, event.generation, event.slot, event.pid)
+        elif isinstance(event, SpawnFailed):
+            self.pool.spawn_failed(now, event.generation, event.slot, event.error)
+        elif isinstance(event, Said):
+            self._said(event, now)
+        elif isinstance(event, Exited):
+            self._exited(event, now)
+        elif isinstance(event, HelperStarted):
+            self._helper_started(event.name, event.pid, now)
+        elif isinstance(event, HelperStartFailed):
+            delay = self.helpers[event.name].exited(now, restart=self.shutdown.running)
+            self._log("helper_start_failed", Level.ERROR, helper=event.name, error=event.error, restart_in=delay)
+        elif isinstance(event, SendFailed):
+            self._send_failed(event.pid, now)
+        elif isinstance(event, Measured):
+            if event.rss is not None and event.rss > self.plan.max_rss:
+                self.pool.recycle(now, event.pid, f"max-rss ({event.rss // 1048576} MiB)")
+
+    def _signalled(self, name: str, now: float) -> None:
+        if name == "SIGHUP":
+            self._log("reload_requested", signal=name)
+            self.pool.reload(now, name, self.env, supersede=True)
+        elif name in ("SIGTERM", "SIGINT"):
+            registered = self.consul is not None and self.consul.wanted
+            self._steps(self.shutdown.stop(now, name, registered), now)
+        elif name == "SIGQUIT":
+            self._steps(self.shutdown.fast(now, name, "fast shutdown requested"), now)
+        elif name != "SIGCHLD":
+            self._log("signal_ignored", signal=name)
+
+    def _said(self, event: Said, now: float) -> None:
+        message, pid = event.message, event.pid
+        if event.fd is not None:
+            # Only a worker hands off connections; anything else just gets its descriptor closed.
+            to = (self.pool.handoff_target(pid) or pid) if pid in self.pool.workers else None
+            self._out.append(Forward(event.fd, pid, to))
+            return
+        if pid in self.pool.workers:
+            if isinstance(message, proto.Beat):
+                self.pool.heartbeat(now, pid, message.requests, message.drained)
+            elif isinstance(message, proto.Ready):
+                self.pool.ready(now, pid)
+            elif isinstance(message, proto.BootError):
+                self.pool.boot_error(now, pid, message.error)
+            return
+        helper = self.helper_named(pid)
+        if helper is None:
+            return
+        if isinstance(message, (proto.HelperWarning, proto.HelperFailing)):
+            kind = "warning" if isinstance(message, proto.HelperWarning) else "error"
+            self._log(f"{helper.name}_{kind}", Level.WARNING, message=message.message)
+        elif helper.name == WATCHER:
+            self._from_watcher(message, now)
+        else:
+            self._from_consul(message, now)
+
+    def _from_watcher(self, message: proto.Message, now: float) -> None:
+        if isinstance(message, proto.Changed) and self.debouncer is not None:
+            self.debouncer.add(now, message.paths)
+        elif isinstance(message, proto.Watching):
+            fallback = message.mode == "polling" and message.reason != "--watch-poll"
+            fields = {"mode": message.mode, "paths": message.paths, "touch_files": message.touch_files}
+            if message.reason:
+                fields["reason"] = message.reason
+            self._log("watching", Level.WARNING if fallback else Level.INFO, **fields)
+        elif isinstance(message, proto.Retarget):
+            self._log("code_retargeted", path=message.path, target=message.target)
+
+    def _from_consul(self, message: proto.Message, now: float) -> None:
+        assert self.consul is not None
+        self.consul.heard(message)
+        if isinstance(message, proto.KVChanged):
+            env = dict(message.env)
+            if env != self.env and self.shutdown.running:
+                changed = sorted({k for k, _ in set(env.items()) ^ set(self.env.items())})
+                self.env = env
+                self._log("config_changed", keys=changed)
+                self.pool.reload(now, "consul kv change", self.env, supersede=True)
+        elif isinstance(message, proto.Withdrawn):
+            self._steps(self.shutdown.withdrawn(now), now)
+
+    def _exited(self, event: Exited, now: float) -> None:
+        if self.pool.exited(now, event.pid, event.status):
+            return
+        helper = self.helper_named(event.pid)
+        if helper is None:
+            self._log("orphan_reaped", Level.DEBUG, child_pid=event.pid, status=event.status)
+            return
+        delay = helper.exited(now, restart=self.shutdown.running)
+        if self.shutdown.running:
+            self._log("helper_exited", Level.WARNING, helper=helper.name, status=event.status, restart_in=delay)
+
+    def _helper_started(self, name: str, pid: int, now: float) -> None:
+        self.helpers[name].started(now, pid)
+        self._log("helper_started", Level.DEBUG, helper=name, helper_pid=pid)
+        if name != CONSUL or self.consul is None:
+            return
+        if self._withdraw_on_start:
+            self._withdraw_on_start = False
+            self._out.append(Tell(pid, proto.Withdraw(serving=True)))
+            return
+        for message in self.consul.helper_started(now, self.env, stopping=not self.shutdown.running):
+            self._out.append(Tell(pid, message))
+
+    def _send_failed(self, pid: int, now: float) -> None:
+        if pid in self.pool.workers:
+            self.pool.unreachable(now, pid)
+        elif (helper := self.helper_named(pid)) is not None:
+            self._out.append(Kill(pid, f"its channel to the master broke ({helper.name} helper)"))
+
+    # ------------------------------------------------------------------ decisions
+    def decide(self, now: float) -> list[Action]:
+        """Everything due at `now`.  Call again after carrying out what it returned (carrying
+        out can report new events) until it returns nothing."""
+        if self._exit is not None:
+            return self._flush()
+        self._timers(now)
+        for output in self.pool.decide(now):
+            if isinstance(output, GenerationServing):
+                if self.consul is not None:
+                    self._tell_consul(self.consul.generation_serving(now, output.number, output.first, self.env))
+            elif isinstance(output, ReloadFailed):
+                if self.consul is not None:
+                    self._tell_consul(self.consul.reload_failed(output.number, output.error))
+            elif isinstance(output, PoolEmpty):
+                self._finish(Exit(0, "shutdown complete"))
+            elif isinstance(output, Exit):
+                self._finish(output)
+            else:
+                self._out.append(output)
+        return self._flush()
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which `decide` may have something new to do."""
+        times = [self.pool.next_deadline(), self.next_measure, self.shutdown.until]
+        if self.debouncer is not None:
+            times.append(self.debouncer.deadline())
+        if self.consul is not None:
+            times.append(self.consul.next_alive)
+        if self.shutdown.running:
+            times += [h.start_at for h in self.helpers.values()]
+        return min((t for t in times if t is not None), default=None)
+
+    def _timers(self, now: float) -> None:
+        if self.debouncer is not None:
+            batch = self.debouncer.take(now)
+            if batch is not None and self.shutdown.running:
+                self._log("code_changed", paths=list(batch.paths_sample), count=batch.count)
+                self.pool.reload(now, "code change", self.env, supersede=False)
+        if self.next_measure is not None and now >= self.next_measure:
+            self.next_measure = now + MEASURE_INTERVAL
+            pids = tuple(w.pid for w in self.pool.serving_workers())
+            if pids:
+                self._out.append(Measure(pids))
+        if self.consul is not None:
+            self._tell_consul(self.consul.due(now))
+        self._steps(self.shutdown.due(now), now)
+        for helper in self.helpers.values():
+            if helper.due(now) and self.shutdown.running:
+                helper.starting()
+                self._out.append(StartHelper(helper.name))
+
+    def _steps(self, steps: list[Step], now: float) -> None:
+        """Carry out what the shutdown machine decided."""
+        for step in steps:
+            if isinstance(step, Log):
+                self._out.append(step)
+            elif isinstance(step, StartWithdraw):
+                self._start_withdraw()
+            elif isinstance(step, RetirePool):
+                self.pool.retire_all(now, step.how)
+        if not self.shutdown.running:
+            self.next_measure = None
+            if self.consul is not None:
+                self.consul.stopping()
+
+    def _start_withdraw(self) -> None:
+        consul = self.helpers.get(CONSUL)
+        if consul is None:
+            return
+        if consul.pid is not None:
+            self._out.append(Tell(consul.pid, proto.Withdraw(serving=True)))
+        else:  # crashed and waiting for its restart: withdrawing comes first
+            self._withdraw_on_start = True
+            consul.starting()
+            self._out.append(StartHelper(CONSUL))
+
+    def _tell_consul(self, messages: list[proto.Message]) -> None:
+        pid = self.helpers[CONSUL].pid
+        if pid is not None:
+            self._out += [Tell(pid, m) for m in messages]
+
+    def _finish(self, exit: Exit) -> None:
+        self._exit = exit
+        self._out.append(exit)
+
+    def _log(self, event: str, level: Level = Level.INFO, **fields: object) -> None:
+        self._out.append(Log(event, fields, level))
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+
+def drive(core: Lifecycle, now: float, carry_out: Callable[[Action], None]) -> Exit | None:
+    """Ask for actions and carry them out until nothing is due (carrying out an action can
+    report events, e.g. a Spawn reports Spawned).  Returns the Exit once one is decided:
+    the actions before it in the same batch are carried out first."""
+    while True:
+        actions = core.decide(now)
+        if not actions:
+            return None
+        for action in actions:
+            if isinstance(action, Exit):
+                return action
+            carry_out(action)

@@ -1,0 +1,81 @@
+"""What the master reports to the lifecycle: typed events, each with the time it happened
+passed alongside (`Lifecycle.handle(event, now)`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from supervisor import proto
+
+
+@dataclass(frozen=True)
+class Signalled:
+    """A signal reached the master (by name: "SIGHUP", "SIGTERM", ...)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Spawned:
+    generation: int
+    slot: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    """fork() itself failed (out of memory, pid limit)."""
+
+    generation: int
+    slot: int
+    error: str
+
+
+@dataclass(frozen=True)
+class HelperStarted:
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class HelperStartFailed:
+    name: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Said:
+    """A child sent a message.  `fd` comes with the kinds that carry a descriptor; the
+    lifecycle always answers those with a Forward, so the descriptor is never leaked."""
+
+    pid: int
+    message: proto.Message
+    fd: int | None = None
+
+
+@dataclass(frozen=True)
+class SendFailed:
+    """The channel to a child is broken or stuck."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    """waitpid() collected a child: a worker, a helper or an adopted orphan."""
+
+    pid: int
+    status: str
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A worker's resident memory, in bytes (None: it could not be read)."""
+
+    pid: int
+    rss: int | None
+
+
+Event = Union[Signalled, Spawned, SpawnFailed, HelperStarted, HelperStartFailed, Said, SendFailed, Exited,
+              Measured]

@@ -1,0 +1,41 @@
+"""The health JSON: the lifecycle's state as an operator reads it (GET /health)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from supervisor.lifecycle.core import Lifecycle
+from supervisor.lifecycle.pool import GenState
+
+
+def health(core: Lifecycle, now: float, started: float, pid: int,
+           rss: Callable[[int], int | None]) -> tuple[bool, dict[str, Any]]:
+    """(healthy, body).  Healthy: a generation serves and no shutdown has begun."""
+    pool = core.pool
+    serving = pool.serving_generation()
+    last = pool.last_reload
+    if not core.shutdown.running:
+        status = "stopping"
+    else:
+        status = "ok" if serving else "starting"
+    body: dict[str, Any] = {
+        "status": status,
+        "pid": pid,
+        "uptime": round(now - started, 3),
+        "generation": serving.number if serving else None,
+        "generations": [{"number": g.number, "state": g.state.value, "reason": g.reason,
+                         "age": round(now - g.started_at, 3)}
+                        for g in pool.generations.values()
+                        if g.state in (GenState.STARTING, GenState.SERVING, GenState.DRAINING)],
+        "workers": [{"pid": w.pid, "worker": w.slot, "generation": w.generation, "state": w.state.value,
+                     "requests": w.requests, "rss": rss(w.pid)}
+                    for w in sorted(pool.workers.values(), key=lambda w: (w.generation, w.slot))],
+        "last_reload": None if last is None or last.first else {
+            "generation": last.number, "state": last.state.value, "reason": last.reason,
+            "error": last.error, "seconds_ago": round(now - last.started_at, 3)},
+        "shutdown": core.shutdown.phase.value,
+        "helpers": [{"name": h.name, "pid": h.pid, "failures": h.failures} for h in core.helpers.values()],
+    }
+    if core.consul is not None:
+        body["consul"] = core.consul.view()
+    return core.healthy, body

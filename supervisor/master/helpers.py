@@ -1,0 +1,48 @@
+"""Forking the master's helper processes (the code watcher, the Consul helper).
+
+A helper is forked from the single-threaded master and may then use threads (it never
+forks).  Its body gets its end of the channel and returns when the master closes the
+other end.  When to start or restart one is decided by `supervisor.lifecycle.helpers`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import traceback
+from typing import Callable
+
+from supervisor import channel as channels, proc
+from supervisor.channel import Channel
+
+HelperMain = Callable[[socket.socket], None]  # runs in the child with its end of the channel
+
+
+def fork_helper(main: HelperMain) -> tuple[int, Channel]:
+    """Fork a helper running `main`; returns its pid and the master's end of its channel.
+    OSError when fork() fails."""
+    parent, child = channels.pair()
+    try:
+        pid = os.fork()
+    except OSError:
+        parent.close()
+        child.close()
+        raise
+    if pid == 0:
+        code = 0
+        try:
+            proc.after_fork({child.fileno()})
+            main(child)
+        except BaseException:  # noqa: BLE001 - report, then leave without running master code
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    child.close()
+    return pid, Channel(parent, queue_sends=True)
+
+
+def stop_helper(pid: int, chan: Channel) -> None:
+    """Close the channel (the helper exits on EOF) and make sure it goes."""
+    chan.close()
+    proc.send_signal(pid, signal.SIGTERM)

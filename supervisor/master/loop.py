@@ -1,0 +1,267 @@
+"""The master process: one loop, one inbox, and the effects the lifecycle decides.
+
+Everything the master reacts to arrives through one selector: signals (through
+`signal.set_wakeup_fd`), the channels of workers and helpers, and the health endpoint.
+Child exits are collected with waitpid(-1) on every turn.  Each input becomes a typed event
+for the pure `Lifecycle`; its actions are carried out here: fork, signal, send, log.  The
+selector's timeout is the lifecycle's next deadline.  The master never serves a request and
+never imports application code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import selectors
+import signal
+import socket
+import time
+from typing import Any, Callable, Mapping
+
+import psutil
+
+from supervisor import logs, proc, proto
+from supervisor.channel import Channel
+from supervisor import channel as channels
+from supervisor.lifecycle.actions import (
+    Accept, Action, Drain, Exit, Forward, Kill, Log, Measure, Spawn, StartHelper, Tell,
+)
+from supervisor.lifecycle.core import CONSUL, WATCHER, Lifecycle, Plan, drive
+from supervisor.lifecycle.events import (
+    Event, Exited, HelperStarted, HelperStartFailed, Measured, Said, SendFailed, Signalled, Spawned, SpawnFailed,
+)
+from supervisor.lifecycle.pool import PoolLimits
+from supervisor.lifecycle.shutdown import ShutdownTimes
+from supervisor.lifecycle import view
+from supervisor.master.health import HealthServer
+from supervisor.master.helpers import HelperMain, fork_helper, stop_helper
+from supervisor.settings import Config
+from supervisor.worker import main as worker
+from supervisor.worker.spec import RequestLimits, WorkerSpec
+
+EXIT_GRACE = 2.0  # how long the exiting master waits for killed children before leaving
+WITHDRAW_MARGIN = 0.5  # on top of the Consul timeout: the helper answers within it
+
+
+def plan_from(config: Config, watcher: bool) -> Plan:
+    return Plan(
+        pool=PoolLimits(
+            workers=config.workers, boot_timeout=config.boot_timeout, graceful_timeout=config.graceful_timeout,
+            worker_timeout=config.worker_timeout, rolling=config.reload_strategy == "rolling",
+            max_requests=config.max_requests, max_requests_jitter=config.max_requests_jitter),
+        shutdown=ShutdownTimes(withdraw_timeout=config.consul_timeout + WITHDRAW_MARGIN,
+                               drain_delay=config.consul_drain_delay),
+        watcher=watcher, debounce=config.watch_debounce,
+        consul_ttl=config.consul_ttl if config.consul else None, max_rss=config.max_rss)
+
+
+class Master:
+    def __init__(self, config: Config, listeners: list[socket.socket], health: socket.socket | None,
+                 env: Mapping[str, str], helpers: Mapping[str, HelperMain]) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.log = logs.get()
+        self.started = time.monotonic()
+        self.helper_mains = dict(helpers)
+        self.core = Lifecycle(plan_from(config, WATCHER in helpers), env, random.Random())
+        self.sel = selectors.DefaultSelector()
+        self.chans: dict[int, Channel] = {}  # child pid -> the master's end of its channel
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic)
+                       if health is not None else None)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Exit:
+        for sig in proc.MASTER_SIGNALS:
+            signal.signal(sig, _wake_only)
+            signal.siginterrupt(sig, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, lambda mask: self._on_signals())
+        self.core.start(time.monotonic())
+        while True:
+            now = time.monotonic()
+            self._reap(now)
+            if self.health is not None:
+                self.health.expire(now)
+            exit = drive(self.core, now, self._carry_out)
+            if exit is not None:
+                return self._exit(exit)
+            for key, mask in self.sel.select(self._timeout(now)):
+                key.data(mask)
+
+    def _timeout(self, now: float) -> float:
+        deadlines = [self.core.next_deadline(), self.health.next_deadline() if self.health else None]
+        due = min((d for d in deadlines if d is not None), default=now + 60.0)
+        return max(0.0, due - now)
+
+    def _handle(self, event: Event) -> None:
+        self.core.handle(event, time.monotonic())
+
+    # ------------------------------------------------------------------ actions
+    def _carry_out(self, action: Action) -> None:
+        if isinstance(action, Log):
+            getattr(self.log, action.level.value)(action.event, **action.fields)
+        elif isinstance(action, Spawn):
+            self._spawn(action)
+        elif isinstance(action, Accept):
+            self._tell(action.pid, proto.StartAccepting())
+        elif isinstance(action, Drain):
+            proc.send_signal(action.pid, signal.SIGTERM)
+        elif isinstance(action, Kill):
+            proc.send_signal(action.pid, signal.SIGKILL)
+        elif isinstance(action, Tell):
+            self._tell(action.pid, action.message)
+        elif isinstance(action, Forward):
+            self._forward(action)
+        elif isinstance(action, StartHelper):
+            self._start_helper(action.name)
+        elif isinstance(action, Measure):
+            for pid in action.pids:
+                self._handle(Measured(pid, _rss(pid)))
+
+    def _spawn(self, action: Spawn) -> None:
+        config = self.config
+        spec = WorkerSpec(
+            target=config.app, chdir=config.chdir, generation=action.generation, slot=action.slot,
+            env={**action.env, **dict(config.env)}, threads=config.threads,
+            keepalive_timeout=config.keepalive_timeout,
+            limits=RequestLimits(config.limit_request_line, config.limit_request_headers,
+                                 config.limit_request_body),
+            access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
+            master_pid=os.getpid())
+        parent, child = channels.pair()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            parent.close()
+            child.close()
+            self._handle(SpawnFailed(action.generation, action.slot, str(exc)))
+            return
+        if pid == 0:
+            parent.close()
+            worker.run(spec, self.listeners, child)  # never returns
+        child.close()
+        self._watch_child(pid, Channel(parent, queue_sends=True))
+        self._handle(Spawned(action.generation, action.slot, pid))
+
+    def _start_helper(self, name: str) -> None:
+        try:
+            pid, chan = fork_helper(self.helper_mains[name])
+        except OSError as exc:
+            self._handle(HelperStartFailed(name, str(exc)))
+            return
+        self._watch_child(pid, chan)
+        self._handle(HelperStarted(name, pid))
+
+    def _tell(self, pid: int, message: proto.Message, fd: int | None = None) -> bool:
+        chan = self.chans.get(pid)
+        sent = chan is not None and not chan.closed and chan.send(message, fd)
+        if chan is not None and chan.pending:
+            self.sel.modify(chan.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_child_cb(pid))
+        if not sent:
+            self._handle(SendFailed(pid))
+        return sent
+
+    def _forward(self, action: Forward) -> None:
+        """A draining worker accepted a connection too late: pass it on (or close it)."""
+        sent = action.to is not None and self._tell(action.to, proto.Adopt(), action.fd)
+        os.close(action.fd)
+        self.log.info("connection_forwarded", from_pid=action.sender, to_pid=action.to, sent=sent)
+
+    # ------------------------------------------------------------------ inputs
+    def _on_signals(self) -> None:
+        try:
+            data = os.read(self._wake_r, 1024)
+        except BlockingIOError:
+            return
+        for signum in data:
+            self._handle(Signalled(signal.Signals(signum).name))
+
+    def _watch_child(self, pid: int, chan: Channel) -> None:
+        self.chans[pid] = chan
+        self.sel.register(chan.sock, selectors.EVENT_READ, self._on_child_cb(pid))
+
+    def _on_child_cb(self, pid: int) -> Callable[[int], None]:
+        return lambda mask: self._on_child(pid, mask)
+
+    def _on_child(self, pid: int, mask: int) -> None:
+        chan = self.chans.get(pid)
+        if chan is None or chan.closed:
+            return
+        if mask & selectors.EVENT_WRITE:
+            if not chan.flush():
+                self._handle(SendFailed(pid))
+            elif not chan.pending:
+                self.sel.modify(chan.sock, selectors.EVENT_READ, self._on_child_cb(pid))
+        if mask & selectors.EVENT_READ:
+            for received in chan.receive():
+                self._handle(Said(pid, received.message, received.fd))
+        if chan.closed:
+            # Keep the closed channel until the exit is reaped (its last messages were read).
+            self.sel.unregister(chan.sock)
+
+    def _reap(self, now: float) -> None:
+        for pid, status in proc.reap():
+            chan = self.chans.get(pid)
+            if chan is not None:
+                self._on_child(pid, selectors.EVENT_READ)  # what it wrote just before exiting
+                if not chan.closed:
+                    self.sel.unregister(chan.sock)
+                del self.chans[pid]
+                chan.close()
+            self.core.handle(Exited(pid, status), now)
+
+    # ------------------------------------------------------------------ exit
+    def _exit(self, action: Exit) -> Exit:
+        for name in (WATCHER, CONSUL):
+            helper = self.core.helpers.get(name)
+            if helper is not None and helper.pid is not None and helper.pid in self.chans:
+                stop_helper(helper.pid, self.chans[helper.pid])
+        deadline = time.monotonic() + EXIT_GRACE
+        while _has_children() and time.monotonic() < deadline:
+            # Wait for SIGCHLD (it arrives through the wakeup fd), then reap.
+            select.select([self._wake_r], [], [], max(0.0, deadline - time.monotonic()))
+            try:
+                os.read(self._wake_r, 1024)
+            except BlockingIOError:
+                pass
+            for _ in proc.reap():
+                pass
+        for sock in self.listeners:
+            _unlink_unix(sock)
+            sock.close()
+        if self.health is not None:
+            self.health.close()
+        if action.code == 0:
+            self.log.info("shutdown_finished", uptime=round(time.monotonic() - self.started, 3))
+        return action
+
+    def _snapshot(self) -> tuple[bool, dict[str, Any]]:
+        return view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss)
+
+
+def _wake_only(signum: int, frame: Any) -> None:
+    """Signal handlers only wake the loop (through the wakeup fd); the loop does the work."""
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except (psutil.Error, OSError):
+        return None
+
+
+def _has_children() -> bool:
+    try:
+        return bool(psutil.Process().children())
+    except psutil.Error:
+        return False
+
+
+def _unlink_unix(sock: socket.socket) -> None:
+    if sock.family == socket.AF_UNIX:
+        try:
+            os.unlink(sock.getsockname())
+        except OSError:
+            pass

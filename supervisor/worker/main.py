@@ -1,0 +1,64 @@
+"""A worker process: imports the app, then serves HTTP on the inherited sockets.
+
+Life: forked by the master -> reset signals and fds -> import the app (a failure is
+reported as `BootError` and the worker exits 3) -> report `Ready` -> wait for the
+master's `StartAccepting` -> serve -> on SIGTERM (or the master's death) drain and exit 0.
+
+The worker never accepts before the master says so: that is how a whole new
+generation can boot while the old one keeps serving, and swap in only after the
+old one stopped accepting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any, NoReturn
+
+from supervisor import logs, proc, proto
+from supervisor.channel import Channel
+from supervisor.worker.app import load_app, prepare_import
+from supervisor.worker.loop import WorkerLoop
+from supervisor.worker.spec import WorkerSpec
+
+EXIT_BOOT_FAILED = 3
+
+
+def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> NoReturn:
+    """The whole life of a worker, in the child after fork.  Never returns."""
+    code = 1
+    try:
+        code = _run(spec, listeners, chan_sock)
+    finally:
+        os._exit(code)
+
+
+def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
+    proc.after_fork({chan_sock.fileno(), *(s.fileno() for s in listeners)}, on_term=_wake_only)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    proc.die_with_parent(spec.master_pid, signal.SIGTERM)  # drain and exit, never serve on as an orphan
+    logs.configure(spec.log_level, spec.log_format, role="worker", generation=spec.generation,
+                   worker=spec.slot)
+    log = logs.get()
+    os.environ.update(spec.env)
+    code_dir = os.path.realpath(spec.chdir) if spec.chdir else os.getcwd()
+    if spec.chdir:
+        os.chdir(code_dir)
+    prepare_import(code_dir)
+    chan = Channel(chan_sock, queue_sends=False)
+    app_or_error = load_app(spec.target)
+    if isinstance(app_or_error, str):
+        log.error("boot_failed", error=app_or_error.splitlines()[0], traceback=app_or_error)
+        chan.send(proto.BootError(app_or_error.splitlines()[0]))
+        return EXIT_BOOT_FAILED
+    loop = WorkerLoop(spec, app_or_error, listeners, chan, wake_r, log)
+    chan.send(proto.Ready())
+    loop.run()
+    loop.beat()  # the final count, read by the master before it handles our exit
+    return 0
+
+
+def _wake_only(signum: int, frame: Any) -> None:
+    """Signal handlers only wake the loop (through the wakeup fd); the loop does the work."""
