@@ -53,7 +53,7 @@ class _State:
     ttl: float
     cond: threading.Condition = field(default_factory=threading.Condition)
     ready: bool = False
-    stopping: bool = False
+    withdrawing: bool = False  # the master asked to withdraw: no more registrations
     closed: bool = False
     last_alive: float = float("-inf")
     note: str = ""
@@ -64,7 +64,7 @@ class _State:
         return now - self.last_alive <= self.ttl / 2
 
     def finished(self) -> bool:
-        return self.stopping or self.closed
+        return self.withdrawing or self.closed
 
     def sleep(self, seconds: float, wake: Callable[[], bool] = lambda: False) -> None:
         """Wait up to `seconds`; returns early on stop, EOF or `wake()`.  Call with `cond` held."""
@@ -192,7 +192,7 @@ class Agent:
         `serving`: the master was serving, so withdraw even if this helper never got Register
         (it was restarted after a crash and had not re-registered yet)."""
         with self.state.cond:
-            self.state.stopping = True
+            self.state.withdrawing = True
             was_ready = self.state.ready or serving
             self.state.cond.notify_all()
         result: dict[str, Any] = {}

@@ -45,15 +45,16 @@ class ConsulLink:
     def reload_failed(self, number: int, error: str) -> list[proto.Message]:
         return [proto.Note(f"reload to generation {number} failed: {error}; generation still serving")]
 
-    def helper_started(self, now: float, env: Mapping[str, str], stopping: bool) -> list[proto.Message]:
-        """A (re)started helper knows nothing: register again if the service is ready."""
-        if not self.wanted or stopping:
+    def helper_started(self, now: float, env: Mapping[str, str], running: bool) -> list[proto.Message]:
+        """A (re)started helper knows nothing: register again if the service is ready (and no
+        shutdown has begun)."""
+        if not self.wanted or not running:
             return []
         self.next_alive = now
         return [proto.Register(dict(env))]
 
-    def stopping(self) -> None:
-        """Shutdown began: no more heartbeats (the withdrawal is on its way)."""
+    def shutdown_began(self) -> None:
+        """No more heartbeats: the withdrawal is on its way."""
         self.next_alive = None
 
     def due(self, now: float) -> list[proto.Message]:

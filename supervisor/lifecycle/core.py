@@ -190,7 +190,7 @@ class Lifecycle:
             self._withdraw_on_start = False
             self._out.append(Tell(pid, proto.Withdraw(serving=True)))
             return
-        for message in self.consul.helper_started(now, self.env, stopping=not self.shutdown.running):
+        for message in self.consul.helper_started(now, self.env, running=self.shutdown.running):
             self._out.append(Tell(pid, message))
 
     def _send_failed(self, pid: int, now: float) -> None:
@@ -263,7 +263,7 @@ class Lifecycle:
         if not self.shutdown.running:
             self.next_measure = None
             if self.consul is not None:
-                self.consul.stopping()
+                self.consul.shutdown_began()
 
     def _start_withdraw(self) -> None:
         consul = self.helpers.get(CONSUL)
