@@ -357,7 +357,6 @@ class Config:
 
 
 SETTINGS: tuple[Setting, ...] = tuple(Setting(name=f.name, **f.metadata[_SETTING]) for f in fields(Config))
-BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -6,7 +6,6 @@ import ctypes
 import errno
 import functools
 import os
-import select
 import selectors
 import socket
 import time

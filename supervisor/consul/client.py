@@ -18,7 +18,7 @@ import consul.base
 import requests
 import structlog
 
-from supervisor.consul.spec import ConsulError, ConsulSpec, go_duration, one_line, parse_agent_address, split_kv
+from supervisor.consul.spec import ConsulError, ConsulSpec, go_duration, one_line, parse_agent_address
 
 
 def _describe_transport_error(exc: requests.RequestException, base_uri: str, timeout: float) -> str:

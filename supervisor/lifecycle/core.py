@@ -29,7 +29,7 @@ from supervisor.lifecycle.events import (
     Event, Exited, HelperStarted, HelperStartFailed, Measured, Said, SendFailed, Signalled, Spawned, SpawnFailed,
 )
 from supervisor.lifecycle.helpers import HelperSlot
-from supervisor.lifecycle.pool import Jitter, Pool, PoolLimits, Retire
+from supervisor.lifecycle.pool import Jitter, Pool, PoolLimits
 from supervisor.lifecycle.shutdown import RetirePool, Shutdown, ShutdownTimes, StartWithdraw, Step
 
 WATCHER, CONSUL = "watcher", "consul"
