@@ -46,11 +46,13 @@ class BootError(Message):
 
 @dataclass(frozen=True)
 class Beat(Message):
-    """Heartbeat: the worker's loop turns.  Requests served so far, and since it began draining."""
+    """Heartbeat: the worker's loop turns.  Requests served so far, since it began draining, and
+    in app threads now."""
 
     kind: ClassVar[str] = "beat"
     requests: int = 0
     drained: int = 0
+    busy: int = 0  # requests in app threads right now (with --threads > 1)
 
 
 @dataclass(frozen=True)

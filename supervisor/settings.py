@@ -225,6 +225,26 @@ class Config:
         "Server", metavar="N")
     keepalive_timeout: float = setting(duration, 5.0, "Close a keep-alive connection idle this long.",
                                        "Server", metavar="DURATION")
+    header_timeout: float = setting(
+        positive_duration, 10.0, "A request head must arrive whole within this time of its first byte; "
+        "otherwise 408 and the connection closes (slowloris).", "Server", metavar="DURATION")
+    body_timeout: float = setting(
+        positive_duration, 30.0, "Longest pause while a request body arrives; then 408 and the connection "
+        "closes.", "Server", metavar="DURATION")
+    write_timeout: float = setting(
+        positive_duration, 30.0, "Longest time a response makes no progress because the client does not "
+        "read it; then the connection is dropped.", "Server", metavar="DURATION")
+    request_buffering: bool = setting(
+        boolean, True, "Read each request body whole before calling the app (in memory up to "
+        "--body-spool-size, then in a temporary file), so a slow upload never holds a worker. Turn off "
+        "(0) to stream bodies to the app as they arrive: the app then waits on the client, up to "
+        "--body-timeout per pause, holding its worker (or thread) meanwhile.", "Server", metavar="BOOL")
+    body_spool_size: int = setting(
+        size, 256 * 1024, "Request bodies larger than this are buffered in a temporary file instead of "
+        "memory.", "Server", metavar="SIZE", default_doc="256k")
+    worker_connections: int = setting(
+        positive_int, 1000, "Most client connections one worker holds open; at the limit it stops "
+        "accepting (others, or the listen queue, take the rest).", "Server", metavar="N")
     limit_request_line: int = setting(
         positive_int, 8190, "Longest request line (method, target, version) in bytes; longer gets 414.",
         "Server", metavar="BYTES")

@@ -300,8 +300,23 @@ def test_expect_100_continue_sent_when_app_reads_body(supervise):
     assert_no_app_errors(sv)
 
 
-def test_expect_100_continue_not_sent_when_app_ignores_body(supervise):
+def test_expect_100_continue_with_buffering_is_sent_before_the_app_runs(supervise):
+    """The server reads the body before the app: it asks for it at once, whatever the app does."""
     sv = start(supervise)
+    body = b"x" * 1000
+    with Client(sv.port) as c:
+        c.send(b"POST /noread HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n")
+        assert c.response().status == 100
+        c.send(body)
+        resp = c.response()
+        assert resp.status == 200 and resp.body == b"did not read" and resp.header("connection") is None
+        c.request("GET", "/hello")
+        assert c.response().body == b"hello world"
+    assert_no_app_errors(sv)
+
+
+def test_expect_100_continue_not_sent_when_a_streaming_app_ignores_body(supervise):
+    sv = start(supervise, "--request-buffering", "0")
     with Client(sv.port) as c:
         c.send(b"POST /noread HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n")
         resp = c.response()  # straight to the final response, no 100
@@ -313,7 +328,7 @@ def test_expect_100_continue_not_sent_when_app_ignores_body(supervise):
 
 
 def test_100_continue_not_sent_once_the_response_started(supervise):
-    sv = start(supervise)
+    sv = start(supervise, "--request-buffering", "0")  # the app reads the body as it arrives
     with Client(sv.port) as c:
         c.send(b"POST /write_then_read HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
         head = c.read_until(b"\r\n\r\n")

@@ -125,7 +125,10 @@ class Master:
         spec = WorkerSpec(
             target=config.app, chdir=config.chdir, generation=action.generation, slot=action.slot,
             env={**action.env, **dict(config.env)}, threads=config.threads,
-            keepalive_timeout=config.keepalive_timeout,
+            keepalive_timeout=config.keepalive_timeout, header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout, write_timeout=config.write_timeout,
+            request_buffering=config.request_buffering, body_spool_size=config.body_spool_size,
+            worker_connections=config.worker_connections,
             limits=RequestLimits(config.limit_request_line, config.limit_request_headers,
                                  config.limit_request_body),
             access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,

@@ -1,19 +1,21 @@
-"""HTTP/1.1 for one client connection, parsed by httptools.
+"""HTTP/1.1 for one client connection: bytes in, parsed requests out (httptools).
 
-A `Connection` is fed bytes by the worker loop (`feed`).  The httptools parser calls
-back into it and it queues `Request` objects; a request is *dispatchable* once its
-head is complete.  `supervisor.worker.wsgi.Handler` runs the app for every dispatchable
-request in order (pipelining) and writes the responses.
+A `Connection` is fed bytes by the worker loop (`feed`).  The httptools parser calls back
+into it and it queues `Request` objects.  With request buffering (the default) a request's
+body is kept in a `BodyBuffer` (memory, spooled to a temporary file past a size), and the
+request is dispatched to the app only once it is complete, so a slow client never holds a
+worker.  Without buffering the app reads the body as it arrives (`read_more`, a wait with a
+deadline).
 
-Sockets are non-blocking.  Reads and writes that would block wait with poll()
-and a deadline, so the same code runs inline on the loop thread (--threads 1)
-and in a thread pool.
+Nothing here writes to the socket: responses are the loop's and the WSGI adapter's business.
 """
 
 from __future__ import annotations
 
+import io
 import select
 import socket
+import tempfile
 from collections import deque
 from typing import Any
 
@@ -22,7 +24,6 @@ import httptools
 from supervisor.worker.spec import RequestLimits
 
 RECV_SIZE = 65536
-IO_TIMEOUT = 60.0  # a client that neither sends nor reads for this long is dropped
 
 REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
@@ -47,10 +48,48 @@ class BodyTooLarge(BodyError):
     code = 413
 
 
+class BodyBuffer:
+    """A request body read before the app runs: in memory up to `spool` bytes, then in an
+    unlinked temporary file."""
+
+    __slots__ = ("chunks", "size", "file", "spool")
+
+    def __init__(self, spool: int) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.file: Any = None
+        self.spool = spool
+
+    def append(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.file is not None:
+            self.file.write(data)
+            return
+        self.chunks.append(data)
+        if self.size > self.spool:
+            self.file = tempfile.TemporaryFile()  # OSError (disk, descriptors) fails this request
+            for chunk in self.chunks:
+                self.file.write(chunk)
+            self.chunks = []
+
+    def reader(self) -> io.BufferedIOBase:
+        """The whole body as a file object, from its start (wsgi.input)."""
+        if self.file is not None:
+            self.file.seek(0)
+            return self.file  # type: ignore[no-any-return]
+        return io.BytesIO(b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.chunks = []
+
+
 class Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "head_complete", "complete",
-                 "body", "received", "head_size", "raw_head", "expect_continue", "content_length",
-                 "chunked", "upgrade")
+                 "body", "stream", "received", "head_size", "raw_head", "expect_continue", "continue_sent",
+                 "content_length", "chunked", "upgrade")
 
     def __init__(self) -> None:
         self.url = b""
@@ -60,24 +99,29 @@ class Request:
         self.keep_alive = True
         self.head_complete = False
         self.complete = False
-        self.body: deque[bytes] = deque()
+        self.body: BodyBuffer | None = None  # buffered mode
+        self.stream: deque[bytes] = deque()  # streaming mode: body pieces not read by the app yet
         self.received = 0
         self.head_size = 0
         self.raw_head = 0
         self.expect_continue = False
+        self.continue_sent = False
         self.content_length: int | None = None
         self.chunked = False
         self.upgrade = False
 
 
 class Connection:
-    """One client socket: parser state, queued requests, and blocking-with-deadline I/O."""
+    """One client socket: parser state and queued requests."""
 
-    def __init__(self, sock: socket.socket, peer: Any, limits: RequestLimits, now: float) -> None:
+    def __init__(self, sock: socket.socket, peer: Any, limits: RequestLimits, buffered: bool,
+                 spool: int) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         self.limits = limits
+        self.buffered = buffered
+        self.spool = spool
         self.parser = httptools.HttpRequestParser(self)
         self.requests: deque[Request] = deque()
         self.error: int | None = None  # status to answer with, set by parser callbacks
@@ -85,7 +129,10 @@ class Connection:
         self.closing = False  # no more requests will be read (Connection: close sent or due)
         self.client_close = False  # the client itself asked to close after its request
         self.eof = False
-        self.last_active = now
+        # The loop's bookkeeping: what the connection waits for, and until when.
+        self.phase = 0
+        self.deadline = 0.0
+        self.exchange: Any = None  # the response in progress (supervisor.worker.wsgi.Exchange)
         self._cur: Request | None = None
 
     def _fail(self, code: int) -> None:
@@ -134,11 +181,25 @@ class Connection:
         limit = self.limits.body
         if limit and cur.content_length is not None and cur.content_length > limit:
             self._fail(413)
+        if self.buffered and (cur.chunked or cur.content_length):
+            cur.body = BodyBuffer(self.spool)
 
     def on_body(self, body: bytes) -> None:
         cur = self._cur
-        cur.body.append(body)  # type: ignore[union-attr]
-        cur.received += len(body)  # type: ignore[union-attr]
+        assert cur is not None
+        cur.received += len(body)
+        if not self.buffered:
+            cur.stream.append(body)
+            return
+        limit = self.limits.body
+        if limit and cur.received > limit:
+            self._fail(413)
+            return
+        if cur.body is not None and self.error is None:
+            try:
+                cur.body.append(body)
+            except OSError:
+                self._fail(503)  # no room for the body (disk or descriptors): try again later
 
     def on_message_complete(self) -> None:
         if self._cur is not None:
@@ -160,37 +221,46 @@ class Connection:
             if cur.raw_head > self.limits.headers + self.limits.request_line:
                 self._fail(431)
 
-    def dispatchable(self) -> bool:
-        return bool(self.requests) and self.requests[0].head_complete
+    def next_ready(self) -> Request | None:
+        """The first queued request, if it can go to the app now: complete (buffered mode) or
+        with its head complete (streaming mode)."""
+        if not self.requests:
+            return None
+        req = self.requests[0]
+        if req.complete or (req.head_complete and not self.buffered):
+            return req
+        return None
 
-    def sound_ahead(self) -> bool:
-        """After a protocol error: the next queued request is complete and came before the bad
-        one, so it is still answered (pipelined requests are answered in order)."""
+    def failed_now(self) -> bool:
+        """A protocol error, and no sound request queued before the bad one: answer the error."""
+        if self.error is None:
+            return False
         req = self.requests[0] if self.requests else None
-        return req is not None and req is not self.failed and req.complete
+        return req is None or req is self.failed or not req.complete
 
     def idle(self) -> bool:
         """No request queued and no partial request: safe to close."""
         return not self.requests and self._cur is None
 
-    def read_more(self, timeout: float = IO_TIMEOUT) -> None:
-        """Blocking read (with deadline) and feed.  ClientGone on EOF or timeout."""
+    def drop_request(self) -> None:
+        req = self.requests.popleft()
+        if req.body is not None:
+            req.body.close()
+
+    def discard(self) -> None:
+        """The connection is closing: free what its queued requests hold."""
+        while self.requests:
+            self.drop_request()
+
+    # ------------------------------------------------------------------ streaming mode
+    def read_more(self, timeout: float) -> None:
+        """Blocking read (with deadline) and feed, for an app reading a streamed body.
+        ClientGone on EOF or timeout."""
         data = recv(self.sock, timeout)
         if not data:
             self.eof = True
             raise ClientGone("client closed the connection")
         self.feed(data)
-
-    def send(self, data: bytes | memoryview) -> None:
-        send_all(self.sock, data)
-
-    def close(self) -> None:
-        """shutdown() then close(), so unread data or a late request never turns into a RST."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 def recv(sock: socket.socket, timeout: float) -> bytes:
@@ -203,13 +273,14 @@ def recv(sock: socket.socket, timeout: float) -> bytes:
             return b""
 
 
-def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
+def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
+    """Blocking send with a deadline per pause (the legacy write() callable, error responses)."""
     view = memoryview(data)
     while view:
         try:
             view = view[sock.send(view):]
         except BlockingIOError:
-            wait(sock, select.POLLOUT, IO_TIMEOUT)
+            wait(sock, select.POLLOUT, timeout)
         except OSError as exc:
             raise ClientGone(str(exc)) from None
 
@@ -219,5 +290,3 @@ def wait(sock: socket.socket, events: int, timeout: float) -> None:
     poller.register(sock, events | select.POLLERR | select.POLLHUP)
     if not poller.poll(timeout * 1000):
         raise ClientGone("client timed out")
-
-

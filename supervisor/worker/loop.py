@@ -1,8 +1,23 @@
-"""The worker's event loop: epoll over the listeners, the client connections, the
-master's channel and the signal wakeup pipe."""
+"""The worker's event loop: epoll over the listeners, the client connections, the master's
+channel and the signal wakeup pipe.
+
+A client's pace never holds the worker.  A request is read whole (head and, with request
+buffering, body) before the app is called; the response is sent without blocking, and the
+app's iterable is pulled only once the socket took the previous piece.  Every wait on a
+client has a deadline (`--header-timeout`, `--body-timeout`, `--write-timeout`, the
+keep-alive timeout), and every connection costs at most one response piece and one request
+body (in memory up to `--body-spool-size`, then in a temporary file).
+
+Per connection, `conn.phase` says what it waits for:
+
+    IDLE --first byte--> HEAD --head complete--> BODY --body complete--> APP --> WRITE
+      ^                                                                           |
+      +------------------- keep-alive: the next request (or close) ---------------+
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import select
@@ -14,23 +29,31 @@ from typing import Any, Callable
 
 from supervisor import proto
 from supervisor.channel import Channel
-from supervisor.worker.http import Connection
+from supervisor.worker.http import Connection, Request
 from supervisor.worker.spec import WorkerSpec
-from supervisor.worker.wsgi import Handler
+from supervisor.worker.wsgi import Adapter, Exchange
 
 HEARTBEAT_INTERVAL = 1.0
 DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
-HEAD_TIMEOUT = 30.0  # a request head that stalls this long is dropped (slowloris)
 ACCEPT_BATCH = 16  # connections accepted per listener wakeup
-SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their timeout
+SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their deadline
 FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may take to send its request
 LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
+ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 1.0  # back-off after accept() failed (out of descriptors)
+ACCEPT_LOG_INTERVAL = 5.0  # at most one accept_failed line per interval, with a count
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# conn.phase
+IDLE, HEAD, BODY, APP, WRITE, LINGERING = range(6)
+PHASE_NAMES = {HEAD: "head", BODY: "body", WRITE: "write"}
+# what a pump of the response ended with
+WAITING, KEEP, CLOSED = range(3)
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 class WorkerLoop:
-    """The worker's event loop: epoll over the listeners, the client connections, the
-    master channel and the signal wakeup pipe."""
-
     def __init__(self, spec: WorkerSpec, app: Callable, listeners: list[socket.socket], chan: Channel,
                  wake_r: int, log: Any) -> None:
         self.spec = spec
@@ -40,33 +63,37 @@ class WorkerLoop:
         self.log = log
         self.ep = select.epoll()
         self.conns: dict[int, Connection] = {}
-        self.owned: set[int] = set()  # connections being served by an app thread
-        self.polled: set[int] = set()  # connections registered with epoll
-        self.lingering: dict[int, float] = {}  # fd -> close deadline
+        self.events: dict[int, int] = {}  # fd -> epoll mask it is registered with
+        self.owned: set[int] = set()  # connections an app thread is working on
         self.accepting = False
         self.draining = False
-        self.accept_enabled = False  # the master said `accept`
+        self.accept_enabled = False  # the master said StartAccepting
         self.requests_at_drain: int | None = None
+        self.accept_paused_until: float | None = None
+        self.accept_pause = ACCEPT_PAUSE_MIN
+        self.accept_failures = 0
+        self.accept_logged_at = float("-inf")
         first = listeners[0].getsockname() if listeners else ("", 0)
         is_inet = isinstance(first, tuple)
-        self.handler = Handler(
+        self.adapter = Adapter(
             app, server_name=str(first[0]) if is_inet else "localhost",
-            server_port=str(first[1]) if is_inet else "", url_scheme="http",
-            multithread=spec.threads > 1, access_log=log.info if spec.access_log else None,
-            log_error=log.error, is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
-            keepalive=spec.keepalive_timeout > 0)
+            server_port=str(first[1]) if is_inet else "", url_scheme="http", threads=spec.threads,
+            access_log=log.info if spec.access_log else None, log_error=log.error,
+            is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
+            keepalive=spec.keepalive_timeout > 0, write_timeout=spec.write_timeout,
+            body_timeout=spec.body_timeout)
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
         self.executor: ThreadPoolExecutor | None = None
-        self.done: queue.SimpleQueue[tuple[Connection, bool]] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[tuple[Connection, Callable[[], None]]] = queue.SimpleQueue()
         self.done_r = self.done_w = -1
         if spec.threads > 1:
             self.executor = ThreadPoolExecutor(spec.threads, thread_name_prefix="app")
             self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self.ep.register(self.done_r, select.EPOLLIN)
-        self.ep.register(wake_r, select.EPOLLIN)
-        self.ep.register(chan.fileno(), select.EPOLLIN)
+            self.ep.register(self.done_r, EPOLLIN)
+        self.ep.register(wake_r, EPOLLIN)
+        self.ep.register(chan.fileno(), EPOLLIN)
         self.listener_fds = {s.fileno(): s for s in listeners}
         self.tcp_listeners = {s.fileno() for s in listeners if s.family != socket.AF_UNIX}
         for s in listeners:
@@ -76,14 +103,18 @@ class WorkerLoop:
     def run(self) -> None:
         next_beat = time.monotonic() + HEARTBEAT_INTERVAL
         next_sweep = next_beat
-        while not (self.draining and not self.conns and not self.owned):
+        conns, listener_fds = self.conns, self.listener_fds
+        while not (self.draining and not conns and not self.owned):
             now = time.monotonic()
-            events = self.ep.poll(max(0.0, min(next_beat, next_sweep) - now))
-            for fd, mask in events:
-                if fd in self.conns:
-                    self._on_readable(self.conns[fd])
-                elif fd in self.listener_fds:
-                    self._accept(self.listener_fds[fd])
+            wake = min(next_beat, next_sweep)
+            if self.accept_paused_until is not None:
+                wake = min(wake, self.accept_paused_until)
+            for fd, mask in self.ep.poll(max(0.0, wake - now)):
+                conn = conns.get(fd)
+                if conn is not None:
+                    self._on_conn(conn, mask)
+                elif fd in listener_fds:
+                    self._accept(listener_fds[fd])
                 elif fd == self.wake_r:
                     self._on_signals()
                 elif fd == self.chan.fileno():
@@ -91,47 +122,26 @@ class WorkerLoop:
                 elif fd == self.done_r:
                     self._on_done()
             now = time.monotonic()
+            if self.accept_paused_until is not None and now >= self.accept_paused_until:
+                self.accept_paused_until = None
+                self._update_accepting()
             if now >= next_beat:
                 self.beat()
                 next_beat = now + HEARTBEAT_INTERVAL
             if now >= next_sweep or self.draining:
-                # Timeouts are whole seconds: sweeping every connection on every event would make
-                # each request cost O(open connections).
-                next_sweep = max(self._expire(now), now + SWEEP_INTERVAL)
+                # Deadlines are coarse: sweeping every connection on every event would make each
+                # request cost O(open connections).
+                next_sweep = max(self._sweep(now), now + SWEEP_INTERVAL)
         if self.executor is not None:
             self.executor.shutdown(wait=True)
 
     def beat(self) -> None:
-        """Heartbeat: proves the loop turns, and reports requests served (and since draining)."""
-        served = self.handler.requests
+        """Heartbeat: proves the loop turns; requests served (and since draining); app threads busy."""
+        served = self.adapter.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
-        self.chan.send(proto.Beat(served, drained))
+        self.chan.send(proto.Beat(served, drained, len(self.owned)))
 
-    def _expires_at(self, conn: Connection) -> float:
-        """An idle connection (between requests) gets the keep-alive timeout, or DRAIN_IDLE
-        while draining; one in the middle of a request head gets HEAD_TIMEOUT."""
-        if not conn.idle():
-            return conn.last_active + HEAD_TIMEOUT
-        return conn.last_active + (min(DRAIN_IDLE, self.idle_timeout) if self.draining else self.idle_timeout)
-
-    def _expire(self, now: float) -> float:
-        """Close idle keep-alive connections and stalled request heads past their timeout, and
-        finished lingerers.  Returns when the next one is due."""
-        due = now + HEARTBEAT_INTERVAL
-        for fd, conn in list(self.conns.items()):
-            if fd in self.owned:
-                continue
-            deadline = self.lingering.get(fd) or self._expires_at(conn)
-            if now < deadline:
-                due = min(due, deadline)
-            elif fd in self.lingering:
-                self._close(conn)
-            else:
-                self._linger(conn, now)
-                due = min(due, now + LINGER)
-        return due
-
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ the master and signals
     def _on_signals(self) -> None:
         try:
             signums = os.read(self.wake_r, 512)
@@ -144,7 +154,7 @@ class WorkerLoop:
         for received in self.chan.receive():
             if isinstance(received.message, proto.StartAccepting) and not self.draining:
                 self.accept_enabled = True
-                self._set_accepting(True)
+                self._update_accepting()
             elif received.fd is not None:
                 self._adopt(received.fd)
         if self.chan.closed:
@@ -163,21 +173,31 @@ class WorkerLoop:
         if self.draining:
             return
         self.draining = True
-        self.requests_at_drain = self.handler.requests  # a request in flight is counted when it ends
-        self._set_accepting(False)
+        self.requests_at_drain = self.adapter.requests  # a request in flight is counted when it ends
+        self._update_accepting()
         for sock in self.listeners:
             sock.close()  # our copy only: the master and the new generation keep the socket open
         self.listener_fds.clear()
         self.log.info("worker_draining", why=why, connections=len(self.conns), busy=len(self.owned))
+        now = time.monotonic()
+        for conn in self.conns.values():
+            if conn.phase == IDLE:
+                conn.deadline = min(conn.deadline, now + DRAIN_IDLE)
 
-    def _set_accepting(self, on: bool) -> None:
-        if on == self.accepting or (on and self.draining):
+    # ------------------------------------------------------------------ accepting
+    def _update_accepting(self) -> None:
+        """Accept while told to, not draining, not paused after a failure, and under the
+        connection and thread limits."""
+        on = (self.accept_enabled and not self.draining and self.accept_paused_until is None
+              and len(self.conns) < self.spec.worker_connections
+              and (self.executor is None or len(self.owned) < self.spec.threads))
+        if on == self.accepting:
             return
         self.accepting = on
         for fd in self.listener_fds:
             if on:
                 # EPOLLEXCLUSIVE: wake one worker per new connection, not all of them.
-                self.ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+                self.ep.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
             else:
                 self.ep.unregister(fd)
 
@@ -197,8 +217,8 @@ class WorkerLoop:
                 sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as exc:  # EMFILE and friends: back off until the next wakeup
-                self.log.warning("accept_failed", error=str(exc))
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: pause, then try again
+                self._accept_failed(exc)
                 return
             # The check above leaves a window: descheduled between it and accept(), we may take
             # a connection after the master told us to drain.  A signal sent before accept()
@@ -208,7 +228,25 @@ class WorkerLoop:
             if self.draining:
                 self._hand_off(sock)
                 return
+            self.accept_pause = ACCEPT_PAUSE_MIN
             self._serve_new(sock, peer, tcp)
+            if not self.accepting:
+                return
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors (or kernel memory): the queued connection stays queued and the
+        listener stays readable, so retrying at once would spin.  Stop accepting for a short,
+        growing pause; log once per interval with a count."""
+        now = time.monotonic()
+        self.accept_failures += 1
+        if now - self.accept_logged_at >= ACCEPT_LOG_INTERVAL:
+            self.log.warning("accept_failed", error=os.strerror(exc.errno or 0), errno=errno.errorcode.get(exc.errno or 0),
+                             count=self.accept_failures, connections=len(self.conns),
+                             pause=self.accept_pause)
+            self.accept_logged_at, self.accept_failures = now, 0
+        self.accept_paused_until = now + self.accept_pause
+        self.accept_pause = min(ACCEPT_PAUSE_MAX, self.accept_pause * 2)
+        self._update_accepting()
 
     def _hand_off(self, sock: socket.socket) -> None:
         """Give a connection accepted too late to the master (SCM_RIGHTS), which passes it to a
@@ -231,45 +269,207 @@ class WorkerLoop:
         sock.setblocking(False)
         if tcp:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(sock, peer, self.spec.limits, time.monotonic())
+        spec = self.spec
+        conn = Connection(sock, peer, spec.limits, spec.request_buffering, spec.body_spool_size)
+        conn.phase, conn.deadline = IDLE, time.monotonic() + self.idle_timeout
         self.conns[conn.fd] = conn
-        self._on_readable(conn)  # the request is usually there already
-        if self.conns.get(conn.fd) is conn and conn.fd not in self.owned:
-            self._watch(conn)  # only connections that live on need epoll (saves two syscalls)
+        self._read(conn)  # the request is usually there already
+        if len(self.conns) >= spec.worker_connections:
+            self._update_accepting()
 
-    def _on_readable(self, conn: Connection) -> None:
-        fd = conn.fd
-        if fd in self.lingering:
+    # ------------------------------------------------------------------ reading
+    def _on_conn(self, conn: Connection, mask: int) -> None:
+        phase = conn.phase
+        if phase == LINGERING:
             self._drain_lingering(conn)
-            return
+        elif phase == WRITE:
+            if self._pump(conn) == KEEP:
+                self._advance(conn)
+        elif conn.exchange is None:
+            self._read(conn)
+
+    def _read(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
+            self._advance(conn)
             return
         except OSError:
             data = b""
         if not data:
-            self._close(conn)
+            conn.eof = True
+            self._close(conn)  # nothing in flight: a half-sent request is of no use now
             return
-        conn.last_active = time.monotonic()
+        if conn.phase == IDLE:
+            conn.phase, conn.deadline = HEAD, time.monotonic() + self.spec.header_timeout
         conn.feed(data)
-        if conn.error is None and not conn.dispatchable():
-            return
-        if self.executor is None:
-            self._served(conn, self.handler.serve(conn))
-        else:
-            self._unwatch(conn)
-            self.owned.add(fd)
-            if len(self.owned) >= self.spec.threads:
-                self._set_accepting(False)  # saturated: let other workers take new connections
-            self.executor.submit(self._serve_in_thread, conn)
+        self._advance(conn)
 
-    def _serve_in_thread(self, conn: Connection) -> None:
-        keep = False
+    def _advance(self, conn: Connection) -> None:
+        """Serve what has been parsed, then wait for what comes next (nothing is in flight)."""
+        while True:
+            if conn.failed_now():
+                self._reject(conn, conn.error or 400, "malformed request")
+                return
+            req = conn.next_ready()
+            if req is None:
+                break
+            status = self._dispatch(conn, req)
+            if status != KEEP:
+                return
+            if conn.closing or conn.eof:
+                self._finish(conn)
+                return
+        self._await_request(conn)
+
+    def _await_request(self, conn: Connection) -> None:
+        """Wait for (more of) the next request, with the deadline of what is missing."""
+        now = time.monotonic()
+        req = conn.requests[0] if conn.requests else None
+        if req is None:
+            if conn.phase != IDLE:
+                conn.phase = IDLE
+                conn.deadline = now + (min(DRAIN_IDLE, self.idle_timeout) if self.draining else self.idle_timeout)
+        elif not req.head_complete:
+            if conn.phase != HEAD:  # the head's time counts from its first byte
+                conn.phase, conn.deadline = HEAD, now + self.spec.header_timeout
+        else:
+            # The body's time counts from the last progress.
+            conn.phase, conn.deadline = BODY, now + self.spec.body_timeout
+            if req.expect_continue and not req.continue_sent:
+                req.continue_sent = True
+                try:
+                    conn.sock.send(CONTINUE)  # tiny, into an empty buffer; if it fails the client goes on
+                except OSError:
+                    pass
+        self._watch(conn, EPOLLIN)
+
+    # ------------------------------------------------------------------ the response
+    def _dispatch(self, conn: Connection, req: Request) -> int:
+        conn.phase = APP
+        if self.executor is None:
+            conn.exchange = self.adapter.begin(conn, req, time.monotonic())
+            return self._pump(conn)
+        self._submit(conn, lambda: self._begin_in_thread(conn, req))
+        return WAITING
+
+    def _begin_in_thread(self, conn: Connection, req: Request) -> None:
+        conn.exchange = self.adapter.begin(conn, req, time.monotonic())
+
+    def _pump(self, conn: Connection) -> int:
+        """Send what the response has ready, pulling the app's iterable as the socket takes it.
+        Returns WAITING (the socket is full, or an app thread pulls), KEEP (done, the connection
+        goes on) or CLOSED."""
+        ex: Exchange = conn.exchange
+        sock = conn.sock
+        adapter = self.adapter
+        while True:
+            data = ex.pending
+            if data:
+                try:
+                    sent = sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    return self._abort(conn)
+                if sent < len(data):
+                    ex.pending = memoryview(data)[sent:]
+                    return self._await_write(conn, sent > 0)
+                ex.pending = b""
+            if ex.file is not None:
+                before = ex.written
+                if not self._send_file(conn, ex):
+                    return self._abort(conn) if ex.aborted else self._await_write(conn, ex.written > before)
+                continue
+            if ex.aborted:
+                return self._abort(conn)
+            if ex.iterator is None:
+                return self._end_exchange(conn)
+            if not ex.inline:
+                self._submit(conn, lambda: adapter.more(ex))
+                return WAITING
+            adapter.more(ex)
+
+    def _send_file(self, conn: Connection, ex: Exchange) -> bool:
+        """sendfile() without blocking.  False: the socket is full (or the client gone)."""
+        file = ex.file
+        assert file is not None
+        fd, offset, remaining = file
+        while remaining > 0:
+            try:
+                sent = os.sendfile(conn.fd, fd, offset, min(remaining, 1 << 20))
+            except (BlockingIOError, InterruptedError):
+                file[1], file[2] = offset, remaining
+                return False
+            except OSError:
+                ex.aborted = True
+                return False
+            if sent == 0:
+                break  # the file is shorter than it said
+            offset += sent
+            remaining -= sent
+            ex.written += sent
+        ex.file = None
+        return True
+
+    def _await_write(self, conn: Connection, progress: bool) -> int:
+        if conn.phase != WRITE or progress:
+            conn.phase, conn.deadline = WRITE, time.monotonic() + self.spec.write_timeout
+        self._watch(conn, EPOLLOUT)
+        return WAITING
+
+    def _end_exchange(self, conn: Connection) -> int:
+        ex = conn.exchange
+        keep = self.adapter.finish(ex)
+        conn.exchange = None
+        if conn.requests and conn.requests[0] is ex.req:
+            conn.drop_request()
+        if keep:
+            return KEEP
+        self._finish(conn)
+        return CLOSED
+
+    def _abort(self, conn: Connection) -> int:
+        """The response cannot be completed (the client went away, or the app failed after
+        the head was sent): drop the connection, the only way to tell the client."""
+        ex = conn.exchange
+        if ex is not None:
+            conn.exchange = None
+            self.adapter.abandon(ex)
+        self._close(conn)
+        return CLOSED
+
+    def _reject(self, conn: Connection, code: int, why: str) -> None:
+        """Answer a request that never reaches the app (malformed, too large, too slow), then close."""
         try:
-            keep = self.handler.serve(conn)
+            conn.sock.send(self.adapter.error_bytes(code))  # small, into an empty buffer
+        except OSError:
+            pass
+        self.log.info("request_rejected", status=code, why=why, client=_client(conn.peer))
+        self._linger(conn, time.monotonic())
+
+    def _finish(self, conn: Connection) -> None:
+        """The server is done with this connection."""
+        if conn.client_close and conn.idle():
+            self._close(conn)  # the client asked to close and sent nothing more: a plain FIN
+        else:
+            self._linger(conn, time.monotonic())
+
+    # ------------------------------------------------------------------ app threads
+    def _submit(self, conn: Connection, work: Callable[[], None]) -> None:
+        assert self.executor is not None
+        conn.phase = APP
+        self._watch(conn, 0)
+        self.owned.add(conn.fd)
+        if len(self.owned) >= self.spec.threads:
+            self._update_accepting()  # saturated: let other workers take new connections
+        self.executor.submit(self._in_thread, conn, work)
+
+    def _in_thread(self, conn: Connection, work: Callable[[], None]) -> None:
+        try:
+            work()
         finally:
-            self.done.put((conn, keep))
+            self.done.put((conn, work))
             os.write(self.done_w, b".")
 
     def _on_done(self) -> None:
@@ -279,41 +479,77 @@ class WorkerLoop:
             pass
         while True:
             try:
-                conn, keep = self.done.get_nowait()
+                conn, _ = self.done.get_nowait()
             except queue.Empty:
                 break
             self.owned.discard(conn.fd)
-            self._watch(conn)
-            self._served(conn, keep)
-        if self.accept_enabled and len(self.owned) < self.spec.threads:
-            self._set_accepting(True)
+            if self._pump(conn) == KEEP:
+                self._advance(conn)
+        self._update_accepting()
 
-    def _served(self, conn: Connection, keep: bool) -> None:
-        conn.last_active = time.monotonic()
-        if keep:
-            return
-        if conn.client_close and conn.idle():
-            self._close(conn)  # the client asked to close and sent nothing more: a plain FIN
+    # ------------------------------------------------------------------ deadlines
+    def _sweep(self, now: float) -> float:
+        """Act on connections past their deadline.  Returns when the next one is due."""
+        due = now + HEARTBEAT_INTERVAL
+        for conn in list(self.conns.values()):
+            phase = conn.phase
+            if phase == APP:
+                continue  # the app's time is the master's business (heartbeat, graceful timeout)
+            if now < conn.deadline:
+                due = min(due, conn.deadline)
+            elif phase == IDLE:
+                self._idle_expired(conn, now)
+            elif phase == LINGERING:
+                self._close(conn)
+            else:
+                self.log.info("client_timeout", phase=PHASE_NAMES[phase], client=_client(conn.peer),
+                              seconds={HEAD: self.spec.header_timeout, BODY: self.spec.body_timeout,
+                                       WRITE: self.spec.write_timeout}[phase])
+                if phase == WRITE:
+                    self._abort(conn)
+                else:
+                    self._reject(conn, 408, f"request {PHASE_NAMES[phase]} too slow")
+        return due
+
+    def _idle_expired(self, conn: Connection, now: float) -> None:
+        """An idle keep-alive connection timed out.  Bytes that arrived while the loop was busy
+        (one long request with --threads 1) are a request: serve it, never drop it."""
+        try:
+            waiting = conn.sock.recv(1, PEEK)
+        except (BlockingIOError, InterruptedError):
+            waiting = None
+        except OSError:
+            waiting = b""
+        if waiting:
+            self._read(conn)
+        elif waiting == b"":
+            self._close(conn)
         else:
-            self._linger(conn, conn.last_active)
-
-    def _watch(self, conn: Connection) -> None:
-        if conn.fd not in self.polled:
-            self.ep.register(conn.fd, select.EPOLLIN)
-            self.polled.add(conn.fd)
-
-    def _unwatch(self, conn: Connection) -> None:
-        if conn.fd in self.polled:
-            self.ep.unregister(conn.fd)
-            self.polled.discard(conn.fd)
+            self._linger(conn, now)
 
     # ------------------------------------------------------------------ closing
+    def _watch(self, conn: Connection, mask: int) -> None:
+        fd = conn.fd
+        current = self.events.get(fd, 0)
+        if current == mask:
+            return
+        if not mask:
+            self.ep.unregister(fd)
+            del self.events[fd]
+        elif current:
+            self.ep.modify(fd, mask)
+            self.events[fd] = mask
+        else:
+            self.ep.register(fd, mask)
+            self.events[fd] = mask
+
     def _linger(self, conn: Connection, now: float) -> None:
         """Server-side close: send FIN, then keep reading (and discarding) until the client
         closes too or LINGER passes.  Closing with unread data would send a RST, which can
         destroy a response the client has not read yet."""
-        if conn.fd in self.lingering:
+        if conn.phase == LINGERING:
             return
+        conn.discard()
         if conn.eof:
             self._close(conn)
             return
@@ -322,8 +558,8 @@ class WorkerLoop:
         except OSError:
             self._close(conn)
             return
-        self.lingering[conn.fd] = now + LINGER
-        self._watch(conn)  # to see the client's EOF
+        conn.phase, conn.deadline = LINGERING, now + LINGER
+        self._watch(conn, EPOLLIN)  # to see the client's EOF
 
     def _drain_lingering(self, conn: Connection) -> None:
         try:
@@ -336,7 +572,19 @@ class WorkerLoop:
         self._close(conn)  # EOF: the client closed its side
 
     def _close(self, conn: Connection) -> None:
-        self.conns.pop(conn.fd, None)
-        self.lingering.pop(conn.fd, None)
-        self.polled.discard(conn.fd)
+        if self.conns.pop(conn.fd, None) is None:
+            return
+        self.events.pop(conn.fd, None)
+        conn.discard()
+        if conn.exchange is not None:
+            ex, conn.exchange = conn.exchange, None
+            self.adapter.abandon(ex)
         conn.sock.close()  # closing the fd also removes it from the epoll set
+        if not self.accepting:
+            self._update_accepting()
+
+
+def _client(peer: Any) -> str:
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "unix")

@@ -22,6 +22,12 @@ class WorkerSpec:
     env: Mapping[str, str]
     threads: int
     keepalive_timeout: float
+    header_timeout: float
+    body_timeout: float
+    write_timeout: float
+    request_buffering: bool
+    body_spool_size: int
+    worker_connections: int
     limits: RequestLimits
     access_log: bool
     log_level: str

@@ -1,30 +1,40 @@
-"""The WSGI adapter: runs the app for the requests of a connection (PEP 3333)."""
+"""The WSGI adapter (PEP 3333): runs the app for one request and frames its response.
+
+`Adapter.begin` builds the environ, calls the app and returns an `Exchange`: the response in
+progress.  The worker loop then sends `Exchange.pending`, and asks `Adapter.more` for the next
+piece only once the socket took the previous one, so the app's iterable is pulled at the
+client's pace and a slow client costs the worker nothing.  `Adapter.finish` closes the
+iterable, counts the request and writes the access log.
+
+Nothing here waits on a client, except the legacy `write()` callable (its data is sent at
+once, waiting up to the write timeout per pause) and, with request buffering off, an app
+reading a body that has not arrived yet (up to the body timeout per pause).
+"""
 
 from __future__ import annotations
 
 import io
 import os
-import select
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator
+from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from supervisor.worker.http import (
-    IO_TIMEOUT, REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, wait,
-)
+from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
+
+EMPTY = b""
 
 
-class Input(io.RawIOBase):
-    """wsgi.input: streams the request body straight from the connection."""
+class StreamInput(io.RawIOBase):
+    """wsgi.input without request buffering: reads the body from the connection as the app asks."""
 
-    def __init__(self, conn: Connection, req: Request, resp: _Response) -> None:
-        self._conn, self._req, self._resp = conn, req, resp
+    def __init__(self, conn: Connection, req: Request, ex: "Exchange", timeout: float) -> None:
+        self._conn, self._req, self._ex, self._timeout = conn, req, ex, timeout
         self._buf = b""
-        self._continue_sent = False
 
     def readable(self) -> bool:
         return True
@@ -32,20 +42,22 @@ class Input(io.RawIOBase):
     def _fill(self) -> bool:
         """Move more body into the buffer.  False at end of body."""
         req = self._req
-        while not req.body:
+        while not req.stream:
             if req.complete:
                 return False
             if self._conn.error is not None:
                 # The parser failed inside this body (it cannot have reached a later request):
                 # raise rather than end the body early, so the app never takes a truncated
                 # body for the whole one.
+                if self._conn.error == 413:
+                    raise BodyTooLarge(f"request body larger than {self._conn.limits.body} bytes")
                 raise BodyError("malformed request body")
-            if req.expect_continue and not self._continue_sent:
-                self._continue_sent = True
-                if not self._resp.sent:  # a 100 after the final response started would corrupt it
-                    self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._conn.read_more()
-        chunk = req.body.popleft()
+            if req.expect_continue and not req.continue_sent:
+                req.continue_sent = True
+                if not self._ex.head_sent:  # a 100 after the final response started would corrupt it
+                    send_all(self._conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n", self._timeout)
+            self._conn.read_more(self._timeout)
+        chunk = req.stream.popleft()
         limit = self._conn.limits.body
         if limit and req.received > limit:
             raise BodyTooLarge(f"request body larger than {limit} bytes")
@@ -82,7 +94,8 @@ class Input(io.RawIOBase):
         return len(data)
 
     def readlines(self, hint: int = -1) -> list[bytes]:  # type: ignore[override]
-        lines, total = [], 0
+        lines: list[bytes] = []
+        total = 0
         while True:
             line = self.readline()
             if not line:
@@ -113,7 +126,7 @@ class FileWrapper:
             yield block
 
 
-class _HeaderCache(dict):
+class _HeaderCache(dict):  # type: ignore[type-arg]
     """b"content-type" -> "CONTENT_TYPE", b"x-foo" -> "HTTP_X_FOO", computed once per name.
 
     A name with an underscore maps to None and is dropped, as nginx and gunicorn do: in the
@@ -143,136 +156,201 @@ class _DateCache:
         return self.value
 
 
-class _Response:
-    __slots__ = ("status", "headers", "sent", "chunked", "length", "written", "close", "head")
+class Exchange:
+    """One request and the response in progress."""
 
-    def __init__(self) -> None:
+    __slots__ = ("conn", "req", "started", "environ", "status", "headers", "head_sent", "chunked", "length",
+                 "written", "close", "head_only", "result", "iterator", "inline", "pending", "file",
+                 "aborted", "counted")
+
+    def __init__(self, conn: Connection, req: Request, started: float) -> None:
+        self.conn = conn
+        self.req = req
+        self.started = started
+        self.environ: dict[str, Any] = {}
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
-        self.sent = False
+        self.head_sent = False
         self.chunked = False
         self.length: int | None = None
         self.written = 0
-        self.close = False
-        self.head = False
+        self.close = False  # the connection closes after this response
+        self.head_only = req.method == b"HEAD"
+        self.result: Any = None  # the app's iterable (closed at the end)
+        self.iterator: Iterator[bytes] | None = None  # what is left of it (None: nothing more)
+        self.inline = True  # the loop may pull the iterator itself (False: in an app thread)
+        self.pending: bytes | memoryview = EMPTY  # framed bytes to send next
+        self.file: list[int] | None = None  # [fd, offset, remaining] still to sendfile()
+        self.aborted = False  # the response cannot be completed: drop the connection
+        self.counted = False
 
 
-class Handler:
-    """Runs a WSGI app for the requests of a connection.  One per worker; thread-safe
-    (per-request state lives in locals and `_Response`)."""
+class Adapter:
+    """Runs a WSGI app.  One per worker; thread-safe (per-request state lives in Exchange)."""
 
-    def __init__(self, app: Callable, server_name: str, server_port: str, url_scheme: str,
-                 multithread: bool, access_log: Callable[..., None] | None,
-                 log_error: Callable[..., None], is_draining: Callable[[], bool], keepalive: bool = True) -> None:
+    def __init__(self, app: Callable, *, server_name: str, server_port: str, url_scheme: str, threads: int,
+                 access_log: Callable[..., None] | None, log_error: Callable[..., None],
+                 is_draining: Callable[[], bool], keepalive: bool, write_timeout: float,
+                 body_timeout: float) -> None:
         self.app = app
         self.access_log = access_log
         self.log_error = log_error
         self.is_draining = is_draining
         self.keepalive = keepalive
+        self.write_timeout = write_timeout
+        self.body_timeout = body_timeout
+        self.pull_inline = threads == 1
         self.requests = 0
-        self._count_lock = threading.Lock()  # pool threads finish requests concurrently
+        self._count_lock = threading.Lock()  # app threads finish requests concurrently
         self._names = _HeaderCache()
         self._date = _DateCache()
         self._base = {
             "wsgi.version": (1, 0), "wsgi.url_scheme": url_scheme, "wsgi.errors": sys.stderr,
-            "wsgi.multithread": multithread, "wsgi.multiprocess": True, "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper, "SCRIPT_NAME": "", "SERVER_NAME": server_name,
-            "SERVER_PORT": server_port, "SERVER_SOFTWARE": "supervise",
+            "wsgi.multithread": threads > 1, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True, "SCRIPT_NAME": "",
+            "SERVER_NAME": server_name, "SERVER_PORT": server_port, "SERVER_SOFTWARE": "supervise",
         }
 
-    # ------------------------------------------------------------------ per connection
-    def serve(self, conn: Connection) -> bool:
-        """Answer every dispatchable request.  Returns False when the connection must close."""
-        try:
-            while True:
-                if conn.error is not None and not conn.sound_ahead():
-                    self._error_response(conn, conn.error)
-                    return False
-                if not conn.dispatchable():
-                    return not conn.closing and not conn.eof
-                req = conn.requests[0]
-                keep = self._one(conn, req)
-                conn.requests.popleft()
-                if not keep:
-                    return False
-        except ClientGone:
-            return False
-
-    def _one(self, conn: Connection, req: Request) -> bool:
-        started = time.monotonic()
-        environ = self._environ(conn, req)
-        resp = _Response()
-        resp.head = req.method == b"HEAD"
-        environ["wsgi.input"] = Input(conn, req, resp)
+    # ------------------------------------------------------------------ one request
+    def begin(self, conn: Connection, req: Request, now: float) -> Exchange:
+        """Call the app for `req`; the returned exchange has its first bytes pending (or is
+        aborted).  Never raises."""
+        ex = Exchange(conn, req, now)
+        environ = ex.environ = self._environ(conn, req)
+        if req.body is not None:
+            environ["wsgi.input"] = req.body.reader()
+            environ["CONTENT_LENGTH"] = str(req.body.size)  # also for a chunked body: it is whole
+        elif conn.buffered:
+            environ["wsgi.input"] = io.BytesIO()
+        else:
+            environ["wsgi.input"] = StreamInput(conn, req, ex, self.body_timeout)
         # Close after this response if the client asked, we are draining, the request had a
         # body we cannot skip, or the parser saw an upgrade.
         conn.client_close = not req.keep_alive
-        resp.close = not req.keep_alive or conn.closing or not self.keepalive
-        result: Iterable[bytes] | None = None
+        ex.close = not req.keep_alive or conn.closing or not self.keepalive
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
             if exc_info is not None:
                 try:
-                    if resp.sent:
+                    if ex.head_sent:
                         raise exc_info[1].with_traceback(exc_info[2])
                 finally:
                     exc_info = None
-            elif resp.status is not None:
+            elif ex.status is not None:
                 raise AssertionError("start_response called a second time without exc_info")
             if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
                 raise ValueError(f"invalid status {status!r}")
-            resp.status, resp.headers = status, headers
+            ex.status, ex.headers = status, headers
             return write
 
         def write(data: bytes) -> None:
-            if resp.status is None:
+            """The legacy write(): sent at once, waiting for the client if it must."""
+            if ex.status is None:
                 raise AssertionError("write() before start_response()")
-            self._write(conn, req, resp, data)
+            self._frame(ex, data)
+            pending, ex.pending = ex.pending, EMPTY
+            if pending:
+                send_all(conn.sock, pending, self.write_timeout)
 
         try:
+            result = ex.result = self.app(environ, start_response)
+            if type(result) in (list, tuple) and len(result) <= 1 and not ex.head_sent:
+                # The common case: the whole body at once, so it goes with a Content-Length.
+                self._frame(ex, result[0] if result else EMPTY, final=True)
+            elif isinstance(result, FileWrapper) and self._sendfile(ex, result):
+                pass
+            else:
+                ex.iterator = iter(result)
+                ex.inline = self.pull_inline or isinstance(result, (list, tuple))
+                self.more(ex)
+        except BaseException as exc:  # noqa: BLE001 - whatever the app raises is answered
+            self._failed(ex, exc)
+        return ex
+
+    def more(self, ex: Exchange) -> None:
+        """Pull the next non-empty chunk of the app's iterable into `ex.pending`; at its end,
+        set `iterator` to None (and queue the chunked terminator).  Never raises."""
+        iterator = ex.iterator
+        if iterator is None:
+            return
+        try:
+            for chunk in iterator:
+                if chunk:
+                    self._frame(ex, chunk)
+                    if ex.pending:
+                        return
+            ex.iterator = None
+            if not ex.head_sent:
+                self._frame(ex, EMPTY, final=True)
+            elif ex.chunked and not ex.head_only:
+                ex.pending = b"0\r\n\r\n"
+        except BaseException as exc:  # noqa: BLE001
+            self._failed(ex, exc)
+
+    def finish(self, ex: Exchange) -> bool:
+        """The response is sent (or abandoned): close the iterable, count, log.  True when
+        the connection can carry the next request."""
+        result, ex.result = ex.result, None
+        if result is not None and hasattr(result, "close"):
             try:
-                result = self.app(environ, start_response)
-                if isinstance(result, (list, tuple)) and len(result) <= 1 and not resp.sent:
-                    # The common case: the whole body at once, so we can send a Content-Length.
-                    self._finish(conn, req, resp, result[0] if result else b"")
-                elif not (isinstance(result, FileWrapper) and self._sendfile(conn, req, resp, result)):
-                    for chunk in result:
-                        if chunk:
-                            self._write(conn, req, resp, chunk)
-                    if not resp.sent:
-                        self._finish(conn, req, resp, b"")
-                    elif resp.chunked and not resp.head:
-                        conn.send(b"0\r\n\r\n")
-            finally:
-                if result is not None and hasattr(result, "close"):
-                    result.close()
-        except ClientGone:
-            raise
-        except BodyError as exc:
-            if resp.sent:
-                raise ClientGone(f"{exc} after the response started") from None
-            self._error_response(conn, exc.code)
-            return False
-        except Exception:
-            self.log_error("app_exception", method=req.method.decode("latin-1"),
-                           path=environ.get("PATH_INFO"), traceback=traceback.format_exc())
-            if resp.sent:
-                raise ClientGone("app failed after the response started") from None
-            self._error_response(conn, 500)
+                result.close()
+            except Exception:  # noqa: BLE001
+                self._log_exception(ex)
+                ex.aborted = ex.aborted or not ex.head_sent
+        if ex.aborted:
             return False
         with self._count_lock:
             self.requests += 1
         if self.access_log is not None:
-            self.access_log("request", method=req.method.decode("latin-1"), path=environ.get("PATH_INFO"),
-                            query=environ.get("QUERY_STRING"), status=int(resp.status[:3]),  # type: ignore[index]
-                            bytes=resp.written, duration=round(time.monotonic() - started, 6),
+            environ = ex.environ
+            self.access_log("request", method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
+                            query=environ.get("QUERY_STRING"), status=int(ex.status[:3]) if ex.status else 0,
+                            bytes=ex.written, duration=round(time.monotonic() - ex.started, 6),
                             remote=environ.get("REMOTE_ADDR"))
-        if not req.complete:
+        if not ex.req.complete:
             return False  # unread body still on the wire: we cannot find the next request
-        if resp.length is not None and resp.written < resp.length and not resp.head:
+        if ex.length is not None and ex.written < ex.length and not ex.head_only:
             return False  # body shorter than its Content-Length: only a close ends it for the client
-        return not resp.close
+        return not ex.close
 
+    def abandon(self, ex: Exchange) -> None:
+        """The connection is gone mid-response: close the iterable, count nothing."""
+        ex.aborted = True
+        self.finish(ex)
+
+    def error_bytes(self, code: int) -> bytes:
+        reason = REASONS.get(code, "Error")
+        body = f"{code} {reason}\n".encode()
+        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nDate: {self._date.get()}\r\nConnection: close\r\n\r\n")
+        return head.encode("latin-1") + body
+
+    # ------------------------------------------------------------------ failures
+    def _failed(self, ex: Exchange, exc: BaseException) -> None:
+        """The app (or reading its body) failed: answer with an error if nothing was sent yet,
+        else the connection must be dropped (a response cannot be taken back)."""
+        ex.iterator = None
+        if isinstance(exc, ClientGone):
+            ex.aborted = True
+            return
+        if isinstance(exc, BodyError):
+            code = exc.code
+        else:
+            self._log_exception(ex)
+            code = 500
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours to swallow
+                ex.aborted = True
+        if ex.head_sent:
+            ex.aborted = True
+            return
+        ex.pending, ex.status, ex.close, ex.head_sent = self.error_bytes(code), f"{code} {REASONS[code]}", True, True
+        ex.length, ex.written, ex.file = None, 0, None
+
+    def _log_exception(self, ex: Exchange) -> None:
+        self.log_error("app_exception", method=ex.req.method.decode("latin-1"),
+                       path=ex.environ.get("PATH_INFO"), traceback=traceback.format_exc())
+
+    # ------------------------------------------------------------------ environ
     def _environ(self, conn: Connection, req: Request) -> dict[str, Any]:
         environ = self._base.copy()
         url = req.url
@@ -283,8 +361,6 @@ class Handler:
         except httptools.HttpParserInvalidURLError:
             raw_path, query = url, b""
         if b"%" in raw_path:
-            from urllib.parse import unquote_to_bytes
-
             raw_path = unquote_to_bytes(raw_path)
         environ["REQUEST_METHOD"] = req.method.decode("latin-1")
         environ["PATH_INFO"] = raw_path.decode("latin-1")
@@ -309,26 +385,29 @@ class Handler:
         return environ
 
     # ------------------------------------------------------------------ responses
-    def _head_bytes(self, req: Request, resp: _Response, body_len: int | None) -> bytes:
-        status = resp.status
-        code = int(status[:3])  # type: ignore[index]
+    def _head_bytes(self, ex: Exchange, body_len: int | None) -> bytes:
+        if ex.status is None:
+            raise AssertionError("the app returned without calling start_response()")
+        status = ex.status
+        req = ex.req
+        code = int(status[:3])
         no_body = code < 200 or code in (204, 304)
         lines = [f"HTTP/1.1 {status}\r\n"]
         has_length = has_conn = has_date = False
-        for name, value in resp.headers:
+        for name, value in ex.headers:
             lname = name.lower()
             if lname == "content-length":
                 has_length = True
                 try:
-                    resp.length = int(value)
-                    if resp.length < 0:
+                    ex.length = int(value)
+                    if ex.length < 0:
                         raise ValueError
                 except ValueError:
                     raise ValueError(f"invalid Content-Length {value!r}") from None
             elif lname == "connection":
                 has_conn = True
                 if value.lower() == "close":
-                    resp.close = True
+                    ex.close = True
             elif lname == "date":
                 has_date = True
             elif lname == "transfer-encoding":
@@ -339,91 +418,65 @@ class Handler:
         if not has_length and not no_body:
             if body_len is not None:
                 lines.append(f"Content-Length: {body_len}\r\n")
-                resp.length = body_len
-            elif req.version == "1.1" and not resp.head:
+                ex.length = body_len
+            elif req.version == "1.1" and not ex.head_only:
                 lines.append("Transfer-Encoding: chunked\r\n")
-                resp.chunked = True
-            elif not resp.head:
-                resp.close = True  # HTTP/1.0 without a length: the end of the body is the close
+                ex.chunked = True
+            elif not ex.head_only:
+                ex.close = True  # HTTP/1.0 without a length: the end of the body is the close
         if no_body:
-            resp.length = 0  # whatever the app yields, a 1xx/204/304 response has no body
+            ex.length = 0  # whatever the app yields, a 1xx/204/304 response has no body
         if not req.complete:
-            resp.close = True  # the app answered before reading the whole body: it stays unread
+            ex.close = True  # the app answered before reading the whole body: it stays unread
         if not has_date:
             lines.append(f"Date: {self._date.get()}\r\n")
-        if not resp.close and self.is_draining():
-            resp.close = True  # the worker began draining while this request ran: last response
+        if not ex.close and self.is_draining():
+            ex.close = True  # the worker began draining while this request ran: last response
         if not has_conn:
-            if resp.close:
+            if ex.close:
                 lines.append("Connection: close\r\n")
             elif req.version == "1.0":
                 lines.append("Connection: keep-alive\r\n")
         lines.append("\r\n")
         return "".join(lines).encode("latin-1")
 
-    def _finish(self, conn: Connection, req: Request, resp: _Response, data: bytes) -> None:
-        if resp.status is None:
-            raise AssertionError("the app returned without calling start_response()")
-        self._write(conn, req, resp, data, final=True)
-
-    def _write(self, conn: Connection, req: Request, resp: _Response, data: bytes, final: bool = False) -> None:
-        head = b""
-        if not resp.sent:
-            head = self._head_bytes(req, resp, len(data) if final else None)
-            resp.sent = True
-        if resp.head:
-            data = b""
-        elif resp.length is not None and len(data) > resp.length - resp.written:
+    def _frame(self, ex: Exchange, data: bytes, final: bool = False) -> None:
+        """Append `data` (a piece of the body) to `ex.pending`, with the head before the first
+        piece and chunk framing when the length is not known."""
+        head = EMPTY
+        if not ex.head_sent:
+            if not isinstance(data, bytes):
+                raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
+            head = self._head_bytes(ex, len(data) if final else None)
+            ex.head_sent = True
+        if ex.head_only:
+            data = EMPTY
+        elif ex.length is not None and len(data) > ex.length - ex.written:
             # Never more than the Content-Length: the excess would be read as the next response.
-            data = data[:resp.length - resp.written]
-        if not data:
-            if head:
-                conn.send(head)
-            return
-        if resp.chunked:
-            conn.send(b"".join((head, b"%x\r\n" % len(data), data, b"\r\n")))
-        else:
-            conn.send(head + data if head else data)
-        resp.written += len(data)
+            data = data[:ex.length - ex.written]
+        if data:
+            ex.written += len(data)
+            if ex.chunked:
+                data = b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
+        out = head + data if head else data
+        ex.pending = (bytes(ex.pending) + out) if ex.pending else out
 
-    def _sendfile(self, conn: Connection, req: Request, resp: _Response, wrapper: FileWrapper) -> bool:
-        """Send a FileWrapper with os.sendfile when the file has a descriptor.  False: iterate."""
+    def _sendfile(self, ex: Exchange, wrapper: FileWrapper) -> bool:
+        """A FileWrapper over a real file: the head now, the file by sendfile().  False: iterate."""
         try:
             fd = wrapper.filelike.fileno()
             offset = wrapper.filelike.tell()
             size = os.fstat(fd).st_size - offset
         except (AttributeError, OSError, io.UnsupportedOperation):
             return False
-        if resp.status is None or resp.sent:  # after write(): the head is out, just iterate
+        if ex.status is None or ex.head_sent:  # after write(): the head is out, just iterate
             return False
-        if not any(n.lower() == "content-length" for n, _ in resp.headers):
-            resp.headers = list(resp.headers) + [("Content-Length", str(size))]
-        conn.send(self._head_bytes(req, resp, None))
-        resp.sent = True
-        if resp.head:
-            return True
-        remaining = min(size, resp.length if resp.length is not None else size)
-        while remaining > 0:
-            try:
-                sent = os.sendfile(conn.fd, fd, offset, min(remaining, 1 << 20))
-            except BlockingIOError:
-                wait(conn.sock, select.POLLOUT, IO_TIMEOUT)
-                continue
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
-            if sent == 0:
-                break
-            offset += sent
-            remaining -= sent
-            resp.written += sent
+        if not any(n.lower() == "content-length" for n, _ in ex.headers):
+            ex.headers = list(ex.headers) + [("Content-Length", str(size))]
+        ex.pending = self._head_bytes(ex, None)
+        ex.head_sent = True
+        if not ex.head_only:
+            remaining = min(size, ex.length if ex.length is not None else size)
+            if remaining > 0:
+                ex.file = [fd, offset, remaining]
         return True
-
-    def _error_response(self, conn: Connection, code: int) -> None:
-        reason = REASONS.get(code, "Error")
-        body = f"{code} {reason}\n".encode()
-        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nDate: {self._date.get()}\r\nConnection: close\r\n\r\n")
-        try:
-            conn.send(head.encode("latin-1") + body)
-        except ClientGone:
-            pass
