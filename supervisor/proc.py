@@ -1,20 +1,42 @@
 """Process plumbing shared by the master and its children: the one after-fork policy,
-the parent-death signal, PID 1 duties (subreaper, reaping) and inherited descriptors."""
+the parent-death signal and lifeline, PID 1 duties (subreaper, reaping, the final sweep of
+descendants) and inherited descriptors."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
+import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
+
+import psutil
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
-# Every signal the master installs a handler for (they only wake its loop).  A child gets
-# them all back at their default action, then the policy of `after_fork`.
-MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU)
+# Signals that report a fault of the process itself: their default action (a core dump) stays.
+_FAULTS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP,
+           signal.SIGSYS}
+# Every other signal the master can catch gets a handler that only wakes its loop, so that
+# none kills it by its default action (SIGALRM, SIGPWR, SIGXCPU, real-time signals...): each has
+# a defined effect, decided by the lifecycle.  SIGPIPE stays ignored (EPIPE instead), SIGCONT
+# only continues.  A child gets them all back at their default action (`after_fork`).
+MASTER_SIGNALS = tuple(sorted(
+    s for s in signal.valid_signals()
+    if s not in _FAULTS and s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGCONT)))
+
+
+def signal_name(signum: int) -> str:
+    """SIGHUP, ..., SIGRTMIN+3."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
 
 Handler = Callable[[int, Any], None]
 
@@ -61,6 +83,94 @@ def die_with_parent(parent_pid: int, sig: int) -> None:
         pass
     if os.getppid() != parent_pid:  # it died before prctl took effect
         os.kill(os.getpid(), sig)
+
+
+class Lifeline:
+    """A pipe whose write end only the master holds.  Every worker keeps the read end: when the
+    master dies, however it dies, the read end sees EOF.  The parent-death signal alone is not
+    enough: a worker hung in a request, or still importing a module that hangs, never acts on
+    it, and would keep the listening socket open for ever."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+
+
+def watch_lifeline(read_fd: int, grace: Callable[[], float]) -> None:
+    """In a worker: a watchdog thread that ends the process `grace()` seconds after the
+    master died (the drain gets that long), whatever the worker is doing meanwhile."""
+
+    def watchdog() -> None:
+        while True:
+            try:
+                if not os.read(read_fd, 1):
+                    break  # EOF: the master is gone (it never writes)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        threading.Event().wait(grace())  # the drain's deadline, not a blind sleep: then we go
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="lifeline", daemon=True).start()
+
+
+def terminate_descendants(grace: float) -> int:
+    """On exit, as PID 1 or subreaper: TERM every remaining descendant (a daemon the app
+    forked, say), then KILL what is left after `grace` seconds, as `tini -g` and systemd's
+    control-group kill do.  Reaps them; returns how many there were."""
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        _signal_process(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    alive = procs
+    while alive:
+        for _ in reap():
+            pass
+        alive = [p for p in alive if _running(p)]
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            break
+        _wait_any(alive, min(left, 0.05))
+    for p in alive:
+        _signal_process(p, signal.SIGKILL)
+    if alive:
+        _wait_any(alive, 1.0)
+    for _ in reap():
+        pass
+    return len(procs)
+
+
+def _signal_process(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_any(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until one of `procs` exits (pidfd), or the timeout."""
+    fds = []
+    for p in procs:
+        try:
+            fds.append(os.pidfd_open(p.pid))
+        except OSError:
+            pass
+    try:
+        if fds:
+            select.select(fds, [], [], timeout)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def become_subreaper() -> bool:

@@ -126,11 +126,44 @@ def path_value(text: str) -> str:
     return text
 
 
-def _cpu_count() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, and the cgroup's CPU quota when one is set."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = max(1, min(cpus, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or the cgroup's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+WORKERS_PER_CPU = 32
+MEMORY_PER_WORKER = 64 * 1024 * 1024  # a small app's worker; the bound only stops absurd counts
+THREADS_PER_CPU = 64
+
+
+def default_max_workers() -> int:
+    return max(1, min(WORKERS_PER_CPU * usable_cpus(), usable_memory() // MEMORY_PER_WORKER))
+
+
+def default_max_threads() -> int:
+    return max(16, min(1024, THREADS_PER_CPU * usable_cpus()))
 
 
 # --------------------------------------------------------------------------- records
@@ -217,12 +250,20 @@ class Config:
         "generation.", "Server", flags=("-b", "--bind"), multiple=True, metavar="ADDRESS")
     backlog: int = setting(positive_int, 2048, "Listen queue length of each bound socket.", "Server",
                            metavar="N")
-    workers: int = setting(positive_int, _cpu_count, "Number of worker processes per generation.", "Server",
+    workers: int = setting(positive_int, usable_cpus, "Number of worker processes per generation.", "Server",
                            flags=("-w", "--workers"), metavar="N", default_doc="number of usable CPUs")
+    max_workers: int = setting(
+        positive_int, default_max_workers, "Upper bound for --workers: a larger count is refused at start "
+        "(exit 2) instead of forking the machine out of memory.", "Server", metavar="N",
+        default_doc=f"{WORKERS_PER_CPU} per usable CPU, at most one per {MEMORY_PER_WORKER >> 20} MiB of "
+                    "usable memory (the cgroup's limit when set)")
     threads: int = setting(
         positive_int, 1,
         "Threads per worker that run the application. With 1 the app runs on the worker's event loop thread.",
         "Server", metavar="N")
+    max_threads: int = setting(
+        positive_int, default_max_threads, "Upper bound for --threads (refused at start, exit 2, above it).",
+        "Server", metavar="N", default_doc=f"{THREADS_PER_CPU} per usable CPU, between 16 and 1024")
     keepalive_timeout: float = setting(duration, 5.0, "Close a keep-alive connection idle this long.",
                                        "Server", metavar="DURATION")
     header_timeout: float = setting(
@@ -454,6 +495,14 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     for s in SETTINGS:
         if s.multiple:
             values[s.name] = tuple(values[s.name])
+    if values["workers"] > values["max_workers"]:
+        raise ConfigError(
+            f"--workers {values['workers']} is more than this machine can run: the limit is "
+            f"{values['max_workers']} ({usable_cpus()} CPUs, {usable_memory() >> 20} MiB); "
+            "set --max-workers to raise it")
+    if values["threads"] > values["max_threads"]:
+        raise ConfigError(f"--threads {values['threads']} is above the limit of {values['max_threads']} "
+                          "per worker; set --max-threads to raise it")
     if values["consul_deregister_after"] < 60:
         raise ConfigError("invalid value for --consul-deregister-after: Consul's minimum is 1m")
     if bool(values["consul_client_cert"]) != bool(values["consul_client_key"]):

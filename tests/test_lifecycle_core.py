@@ -66,7 +66,7 @@ def test_shutdown_withdraws_then_waits_the_drain_delay_then_drains_then_exits():
     actions = sim.signal("SIGTERM")
     assert tells(actions, proto.Withdraw) == [Tell(consul, proto.Withdraw(serving=True))]
     assert not [a for a in actions if isinstance(a, (Drain, Kill))], "nothing drains before Consul answers"
-    assert not sim.core.healthy, "health answers 503 from the first step"
+    assert not sim.core.can_serve(sim.now), "health answers 503 from the first step"
     sim.advance(0.4)
     actions = sim.say(consul, proto.Withdrawn(ok=True))
     assert notes(actions, "drain_delay")[0].fields == {"seconds": DRAIN_DELAY}

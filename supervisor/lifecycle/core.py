@@ -34,6 +34,11 @@ from supervisor.lifecycle.shutdown import RetirePool, Shutdown, ShutdownTimes, S
 
 WATCHER, CONSUL = "watcher", "consul"
 MEASURE_INTERVAL = 5.0  # how often serving workers' memory is checked against --max-rss
+PAUSE_SLACK = 1.0  # run this much later than the deadline it promised, the master was paused
+HEARTBEAT_STALE = 3.0  # a serving worker silent this long is busy in a request (or hung)
+IGNORED_LOG_INTERVAL = 10.0  # an ignored signal is logged at most once per interval, with a count
+GRACEFUL_SIGNALS = ("SIGTERM", "SIGINT", "SIGPWR")
+RESERVED_SIGNALS = ("SIGTTIN", "SIGTTOU")  # live scaling (the operations issue)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Plan:
     debounce: float = 0.3
     consul_ttl: float | None = None  # None: no Consul helper
     max_rss: int = 0  # bytes; 0: never measured
+    threads: int = 1  # per worker: a worker with this many requests in its threads is full
 
 
 class Lifecycle:
@@ -67,12 +73,19 @@ class Lifecycle:
         self._withdraw_on_start = False  # the Consul helper must withdraw as soon as it runs
         self._out: list[Action] = []
         self._exit: Exit | None = None
+        self._promised: float | None = None  # the deadline next_deadline() last gave the master
+        self._ignored: dict[str, tuple[float, int]] = {}  # signal -> (last logged, suppressed since)
 
     # ------------------------------------------------------------------ queries
-    @property
-    def healthy(self) -> bool:
-        """A generation serves and no shutdown has begun."""
-        return self.shutdown.running and self.pool.serving_generation() is not None
+    def available_workers(self, now: float) -> list[int]:
+        """Serving workers that can take a request now: their loop answered recently (not stuck
+        in a request or hung) and a thread is free."""
+        return [w.pid for w in self.pool.serving_workers()
+                if now - w.last_seen <= HEARTBEAT_STALE and w.busy < self.plan.threads]
+
+    def can_serve(self, now: float) -> bool:
+        """Health: no shutdown has begun and some worker can take a request."""
+        return self.shutdown.running and bool(self.available_workers(now))
 
     def helper_named(self, pid: int) -> HelperSlot | None:
         return next((h for h in self.helpers.values() if h.pid == pid), None)
@@ -111,13 +124,28 @@ class Lifecycle:
         if name == "SIGHUP":
             self._log("reload_requested", signal=name)
             self.pool.reload(now, name, self.env, supersede=True)
-        elif name in ("SIGTERM", "SIGINT"):
+        elif name in GRACEFUL_SIGNALS:
             registered = self.consul is not None and self.consul.wanted
             self._steps(self.shutdown.stop(now, name, registered), now)
         elif name == "SIGQUIT":
             self._steps(self.shutdown.fast(now, name, "fast shutdown requested"), now)
         elif name != "SIGCHLD":
-            self._log("signal_ignored", signal=name)
+            self._ignore_signal(name, now)
+
+    def _ignore_signal(self, name: str, now: float) -> None:
+        """Every other signal is ignored (none may kill the master by its default action),
+        and logged at most once per interval per signal, with how many were not logged."""
+        last, suppressed = self._ignored.get(name, (float("-inf"), 0))
+        if now - last < IGNORED_LOG_INTERVAL:
+            self._ignored[name] = (last, suppressed + 1)
+            return
+        self._ignored[name] = (now, 0)
+        fields: dict[str, object] = {"signal": name}
+        if suppressed:
+            fields["not_logged"] = suppressed
+        if name in RESERVED_SIGNALS:
+            fields["why"] = "reserved for live scaling"
+        self._log("signal_ignored", **fields)
 
     def _said(self, event: Said, now: float) -> None:
         message, pid = event.message, event.pid
@@ -128,7 +156,7 @@ class Lifecycle:
             return
         if pid in self.pool.workers:
             if isinstance(message, proto.Beat):
-                self.pool.heartbeat(now, pid, message.requests, message.drained)
+                self.pool.heartbeat(now, pid, message.requests, message.drained, message.busy)
             elif isinstance(message, proto.Ready):
                 self.pool.ready(now, pid)
             elif isinstance(message, proto.BootError):
@@ -205,6 +233,12 @@ class Lifecycle:
         out can report new events) until it returns nothing."""
         if self._exit is not None:
             return self._flush()
+        if self._promised is not None and now > self._promised + PAUSE_SLACK:
+            # Run this late, the master was not running (SIGSTOP, a starved machine): the
+            # heartbeats it could not read say nothing about the workers.
+            self._log("master_was_paused", Level.WARNING, seconds=round(now - self._promised, 3))
+            self.pool.grace(now)
+        self._promised = None
         self._timers(now)
         for output in self.pool.decide(now):
             if isinstance(output, GenerationServing):
@@ -230,7 +264,8 @@ class Lifecycle:
             times.append(self.consul.next_alive)
         if self.shutdown.running:
             times += [h.start_at for h in self.helpers.values()]
-        return min((t for t in times if t is not None), default=None)
+        self._promised = min((t for t in times if t is not None), default=None)
+        return self._promised
 
     def _timers(self, now: float) -> None:
         if self.debouncer is not None:

@@ -81,6 +81,7 @@ class Worker:
     recycle: str | None = None  # why a replacement is wanted (max-requests, max-rss)
     boot_error: str | None = None
     max_requests: int = 0
+    busy: int = 0  # requests in its app threads at the last heartbeat
 
 
 @dataclass
@@ -118,6 +119,7 @@ class PoolLimits:
     rolling: bool = False
     max_requests: int = 0
     max_requests_jitter: int = 0
+    boot_concurrency: int = 8  # most workers importing the app at once: a fork storm never starves the loop
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ class Pool:
         self._rng = rng
         self._next_generation = 1
         self._out: list[Output] = []
-        self._spawning: set[int] = set()  # slots with a Spawn emitted but not yet `spawned`
+        self._spawning: set[int] = set()  # slots with a Spawn queued or emitted but not yet `spawned`
+        self._queue: list[tuple[int, int]] = []  # (generation, slot) waiting for a boot place
         self._done = False  # the terminal output (Exit or PoolEmpty) was emitted
 
     # ------------------------------------------------------------------ queries
@@ -227,13 +230,14 @@ class Pool:
         self._emit(Log("worker_ready", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
                                         "boot_seconds": round(now - w.spawned_at, 3)}))
 
-    def heartbeat(self, now: float, pid: int, requests: int, drained: int = 0) -> None:
-        """A worker's periodic report: requests served so far, and since it began draining."""
+    def heartbeat(self, now: float, pid: int, requests: int, drained: int = 0, busy: int = 0) -> None:
+        """A worker's periodic report: requests served so far, since it began draining, and in
+        its app threads now."""
         w = self.workers.get(pid)
         if w is None:
             return
         w.last_seen = now
-        w.requests, w.drained_requests = requests, drained
+        w.requests, w.drained_requests, w.busy = requests, drained, busy
         if w.max_requests and requests >= w.max_requests and w.state == WorkerState.SERVING:
             self.recycle(now, pid, f"max-requests ({w.max_requests})")
 
@@ -250,6 +254,13 @@ class Pool:
         w.recycle = reason
         self._emit(Log("worker_recycle", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
                                           "reason": reason}))
+
+    def grace(self, now: float) -> None:
+        """The master itself was not running (SIGSTOP, starved): heartbeats it could not read are
+        no sign of a hung worker.  Every worker starts a fresh heartbeat period."""
+        for w in self.workers.values():
+            if w.state in (WorkerState.READY, WorkerState.SERVING):
+                w.last_seen = max(w.last_seen, now)
 
     def unreachable(self, now: float, pid: int) -> None:
         """Its channel broke: a worker we cannot talk to is killed (and replaced)."""
@@ -287,6 +298,9 @@ class Pool:
             return
         self.retiring = how
         self.pending = None
+        for _, slot in self._queue:
+            self._spawning.discard(slot)
+        self._queue.clear()
         self._emit(Log("shutdown_begun", {"mode": how.value, "graceful_timeout": self.limits.graceful_timeout}))
 
     # ------------------------------------------------------------------ decisions
@@ -303,6 +317,7 @@ class Pool:
         self._start_pending(now)
         self._fill_slots(now)
         self._finish_generations(now)
+        self._release_spawns()
         return self._flush()
 
     def next_deadline(self) -> float | None:
@@ -321,8 +336,6 @@ class Pool:
     # ------------------------------------------------------------------ internals
 
     def _emit(self, output: Output) -> None:
-        if isinstance(output, Spawn):
-            self._spawning.add(output.slot)
         self._out.append(output)
 
     def _flush(self) -> list[Output]:
@@ -339,8 +352,17 @@ class Pool:
         return gen
 
     def _spawn(self, generation: int, slot: int) -> None:
-        gen = self.generations.get(generation)
-        self._emit(Spawn(generation, slot, gen.env if gen else {}))
+        """Queue a worker for `slot`; `_release_spawns` forks it once a boot place is free."""
+        self._spawning.add(slot)
+        self._queue.append((generation, slot))
+
+    def _release_spawns(self) -> None:
+        starting = sum(1 for w in self.workers.values() if w.state == WorkerState.STARTING)
+        while self._queue and starting < self.limits.boot_concurrency:
+            generation, slot = self._queue.pop(0)
+            gen = self.generations.get(generation)
+            self._emit(Spawn(generation, slot, gen.env if gen else {}))
+            starting += 1
 
     def _check_timeouts(self, now: float) -> None:
         for w in list(self.workers.values()):
@@ -523,6 +545,9 @@ class Pool:
         gen.state, gen.error, gen.finished_at = state, error, now
         for w in self._workers_of(gen.number, *BOOTING):
             self._kill(w, state.value)
+        for queued in [q for q in self._queue if q[0] == gen.number]:
+            self._queue.remove(queued)
+            self._spawning.discard(queued[1])
 
     def _exit_unbootable(self, gen: Generation, error: str) -> None:
         gen.state, gen.error = GenState.FAILED, error
@@ -534,8 +559,12 @@ class Pool:
     def _schedule_respawn(self, now: float, slot: Slot, w: Worker) -> None:
         if self.retiring:
             return
-        stable = w.ready_at is not None and now - w.ready_at >= STABLE_UPTIME
-        slot.failures = 1 if stable else slot.failures + 1
+        # A worker that served requests proved its code boots and serves: what killed it was a
+        # request (an endpoint that crashes), not a crash loop, so its slot comes back at once
+        # and the backoff does not grow.  Otherwise one crashing endpoint would push every slot
+        # into a long backoff: an outage for every other endpoint.
+        proven = w.requests > 0 or (w.ready_at is not None and now - w.ready_at >= STABLE_UPTIME)
+        slot.failures = 1 if proven else slot.failures + 1
         delay = WORKER_RESPAWN.delay(slot.failures)
         slot.spawn_at = now + delay
         slot.generation = w.generation

@@ -10,14 +10,18 @@ from supervisor.lifecycle.pool import GenState
 
 def health(core: Lifecycle, now: float, started: float, pid: int,
            rss: Callable[[int], int | None]) -> tuple[bool, dict[str, Any]]:
-    """(healthy, body).  Healthy: a generation serves and no shutdown has begun."""
+    """(healthy, body).  Healthy: no shutdown has begun and some worker can take a request
+    (a serving worker whose loop answered recently and that has a free thread)."""
     pool = core.pool
     serving = pool.serving_generation()
     last = pool.last_reload
+    available = core.available_workers(now)
     if not core.shutdown.running:
         status = "stopping"
+    elif serving is None:
+        status = "starting"
     else:
-        status = "ok" if serving else "starting"
+        status = "ok" if available else "unavailable"  # nobody can take a request right now
     body: dict[str, Any] = {
         "status": status,
         "pid": pid,
@@ -27,8 +31,10 @@ def health(core: Lifecycle, now: float, started: float, pid: int,
                          "age": round(now - g.started_at, 3)}
                         for g in pool.generations.values()
                         if g.state in (GenState.STARTING, GenState.SERVING, GenState.DRAINING)],
+        "available_workers": len(available),
         "workers": [{"pid": w.pid, "worker": w.slot, "generation": w.generation, "state": w.state.value,
-                     "requests": w.requests, "rss": rss(w.pid)}
+                     "requests": w.requests, "busy": w.busy, "rss": rss(w.pid),
+                     "heartbeat_age": round(now - w.last_seen, 3)}
                     for w in sorted(pool.workers.values(), key=lambda w: (w.generation, w.slot))],
         "last_reload": None if last is None or last.first else {
             "generation": last.number, "state": last.state.value, "reason": last.reason,
@@ -38,4 +44,4 @@ def health(core: Lifecycle, now: float, started: float, pid: int,
     }
     if core.consul is not None:
         body["consul"] = core.consul.view()
-    return core.healthy, body
+    return core.shutdown.running and bool(available), body

@@ -36,11 +36,12 @@ from supervisor.lifecycle.shutdown import ShutdownTimes
 from supervisor.lifecycle import view
 from supervisor.master.health import HealthServer
 from supervisor.master.helpers import HelperMain, fork_helper, stop_helper
-from supervisor.settings import Config
+from supervisor.settings import Config, usable_cpus
 from supervisor.worker import main as worker
 from supervisor.worker.spec import RequestLimits, WorkerSpec
 
 EXIT_GRACE = 2.0  # how long the exiting master waits for killed children before leaving
+DESCENDANT_GRACE = 1.0  # then: TERM to what the app left behind, KILL after this long
 WITHDRAW_MARGIN = 0.5  # on top of the Consul timeout: the helper answers within it
 
 
@@ -49,11 +50,13 @@ def plan_from(config: Config, watcher: bool) -> Plan:
         pool=PoolLimits(
             workers=config.workers, boot_timeout=config.boot_timeout, graceful_timeout=config.graceful_timeout,
             worker_timeout=config.worker_timeout, rolling=config.reload_strategy == "rolling",
-            max_requests=config.max_requests, max_requests_jitter=config.max_requests_jitter),
+            max_requests=config.max_requests, max_requests_jitter=config.max_requests_jitter,
+            boot_concurrency=max(8, 4 * usable_cpus())),
         shutdown=ShutdownTimes(withdraw_timeout=config.consul_timeout + WITHDRAW_MARGIN,
                                drain_delay=config.consul_drain_delay),
         watcher=watcher, debounce=config.watch_debounce,
-        consul_ttl=config.consul_ttl if config.consul else None, max_rss=config.max_rss)
+        consul_ttl=config.consul_ttl if config.consul else None, max_rss=config.max_rss,
+        threads=config.threads)
 
 
 class Master:
@@ -67,6 +70,7 @@ class Master:
         self.core = Lifecycle(plan_from(config, WATCHER in helpers), env, random.Random())
         self.sel = selectors.DefaultSelector()
         self.chans: dict[int, Channel] = {}  # child pid -> the master's end of its channel
+        self.lifeline = proc.Lifeline()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic)
                        if health is not None else None)
@@ -132,7 +136,7 @@ class Master:
             limits=RequestLimits(config.limit_request_line, config.limit_request_headers,
                                  config.limit_request_body),
             access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
-            master_pid=os.getpid())
+            master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout)
         parent, child = channels.pair()
         try:
             pid = os.fork()
@@ -179,7 +183,7 @@ class Master:
         except BlockingIOError:
             return
         for signum in data:
-            self._handle(Signalled(signal.Signals(signum).name))
+            self._handle(Signalled(proc.signal_name(signum)))
 
     def _watch_child(self, pid: int, chan: Channel) -> None:
         self.chans[pid] = chan
@@ -231,6 +235,9 @@ class Master:
                 pass
             for _ in proc.reap():
                 pass
+        left = proc.terminate_descendants(DESCENDANT_GRACE)
+        if left:
+            self.log.info("descendants_terminated", count=left)
         for sock in self.listeners:
             _unlink_unix(sock)
             sock.close()

@@ -73,6 +73,7 @@ class WorkerLoop:
         self.accept_pause = ACCEPT_PAUSE_MIN
         self.accept_failures = 0
         self.accept_logged_at = float("-inf")
+        self.first_reported = False
         first = listeners[0].getsockname() if listeners else ("", 0)
         is_inet = isinstance(first, tuple)
         self.adapter = Adapter(
@@ -421,6 +422,11 @@ class WorkerLoop:
     def _end_exchange(self, conn: Connection) -> int:
         ex = conn.exchange
         keep = self.adapter.finish(ex)
+        if self.adapter.requests == 1 and not self.first_reported:
+            # Tell the master at once that this worker serves: should a request crash it, its
+            # slot is respawned without backoff (it is not a crash loop).
+            self.first_reported = True
+            self.beat()
         conn.exchange = None
         if conn.requests and conn.requests[0] is ex.req:
             conn.drop_request()

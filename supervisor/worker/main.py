@@ -35,10 +35,15 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.sock
 
 
 def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
-    proc.after_fork({chan_sock.fileno(), *(s.fileno() for s in listeners)}, on_term=_wake_only)
+    proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, *(s.fileno() for s in listeners)}, on_term=_wake_only)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    proc.die_with_parent(spec.master_pid, signal.SIGTERM)  # drain and exit, never serve on as an orphan
+    # When the master dies: SIGTERM drains a worker whose loop turns, and the lifeline ends
+    # any worker, even one hung in a request or in an import, once the drain's time is up
+    # (at once while it has not served yet).  Nothing outlives the master with the port.
+    grace = [0.0]
+    proc.watch_lifeline(spec.lifeline_fd, lambda: grace[0])
+    proc.die_with_parent(spec.master_pid, signal.SIGTERM)
     logs.configure(spec.log_level, spec.log_format, role="worker", generation=spec.generation,
                    worker=spec.slot)
     log = logs.get()
@@ -54,6 +59,7 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
         chan.send(proto.BootError(app_or_error.splitlines()[0]))
         return EXIT_BOOT_FAILED
     loop = WorkerLoop(spec, app_or_error, listeners, chan, wake_r, log)
+    grace[0] = spec.graceful_timeout
     chan.send(proto.Ready())
     loop.run()
     loop.beat()  # the final count, read by the master before it handles our exit

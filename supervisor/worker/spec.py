@@ -33,3 +33,5 @@ class WorkerSpec:
     log_level: str
     log_format: str
     master_pid: int
+    lifeline_fd: int  # read end of the master's lifeline: EOF when the master is gone
+    graceful_timeout: float
