@@ -30,7 +30,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not docker and not consul"
 
-# Side by side with gunicorn (sync, gthread) and uWSGI; writes docs/benchmarks.md (~10 min).
+# Side by side with gunicorn (sync, gthread), uWSGI and Granian (installed into .venv-bench by
+# bench/setup.sh); writes docs/benchmarks.md (~12 min).
 bench: install
 	bash bench/setup.sh
 	$(PY) bench/run.py $(BENCH_ARGS)

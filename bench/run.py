@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark supervise against gunicorn (sync, gthread) and uWSGI; write docs/benchmarks.md.
+"""Benchmark supervise against gunicorn (sync, gthread), uWSGI and Granian; write docs/benchmarks.md.
 
     python bench/run.py [--quick] [--servers supervise,gunicorn-gthread,...] [--duration S]
 
@@ -9,14 +9,16 @@ number of workers, one server after another.  For each server:
 
 * steady load, with and without keep-alive: bench/load.py (a separate
   multi-process client that classifies every failure) and, when installed, wrk;
-* load with a reload every 2 s (SIGHUP; uWSGI: `r` and `c` written to its master
-  FIFO; supervise also: an edit of the app file picked up by its watcher), with
-  and without keep-alive, recording every failed request and the time from the
-  trigger to the first response carrying the new VERSION;
+* load with a reload every 2 s (SIGHUP, for Granian too; uWSGI: `r` and `c`
+  written to its master FIFO; supervise also: an edit of the app file picked up
+  by its watcher), with and without keep-alive, recording every failed request
+  and the time from the trigger to the first response carrying the new VERSION;
 * the same trigger-to-new-code time with a single light client (idle server).
 
-All traffic goes to 127.0.0.1.  Every load run is bounded in time and count.
-Raw results and server logs go to bench/results/<timestamp>/ (git-ignored).
+supervise runs from the project venv (.venv/bin); the peer servers run from
+their own venv, .venv-bench/bin (bench/setup.sh installs bench/requirements.txt
+there).  All traffic goes to 127.0.0.1.  Every load run is bounded in time and
+count.  Raw results and server logs go to bench/results/<timestamp>/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-VENV_BIN = Path(os.environ.get("BENCH_VENV_BIN", ROOT / ".venv" / "bin"))
+VENV_BIN = Path(os.environ.get("BENCH_VENV_BIN", ROOT / ".venv" / "bin"))  # supervise (the project venv)
+PEER_BIN = Path(os.environ.get("BENCH_PEER_BIN", ROOT / ".venv-bench" / "bin"))  # the peers (bench/setup.sh)
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
 HOST = "127.0.0.1"
 APP_MODULE = "hello"
 RELOAD_INTERVAL = 2.0
-ALL_SERVERS = ["supervise", "supervise-watch", "gunicorn-sync", "gunicorn-gthread", "uwsgi"]
+ALL_SERVERS = ["supervise", "supervise-watch", "gunicorn-sync", "gunicorn-gthread", "uwsgi", "granian"]
+PEERS = ["gunicorn-sync", "gunicorn-gthread", "uwsgi", "granian"]  # the servers supervise is compared with
 
 RELOAD_LABELS = {
     "hup": "SIGHUP",
@@ -88,8 +92,8 @@ class Ctx:
 
 
 def _exe(name: str) -> str:
-    path = VENV_BIN / name
-    return str(path) if path.exists() else (shutil.which(name) or str(path))
+    """supervise from the project venv, every other server from .venv-bench (never from $PATH)."""
+    return str((VENV_BIN if name == "supervise" else PEER_BIN) / name)
 
 
 def _need(name: str) -> Callable[[], str | None]:
@@ -157,6 +161,19 @@ def gunicorn_argv(ctx: Ctx, port: int, klass: str) -> list[str]:
     return argv + [f"{APP_MODULE}:application"]
 
 
+def granian_argv(ctx: Ctx, port: int) -> list[str]:
+    # --blocking-threads: the per-worker pool that runs the WSGI callable, set like gunicorn gthread's
+    # --threads (Granian's WSGI default is backpressure / 2 = 256 threads per worker here); the Rust I/O
+    # runtime keeps its default of 1 thread per worker.  --workers-kill-timeout 8 bounds the drain of an old
+    # worker the way --graceful-timeout 8 / --*-mercy 8 do for the others (Granian's default: wait forever).
+    # SIGHUP respawns the workers one at a time: start the new one, sleep --respawn-interval, stop the old one;
+    # the interval is Granian's default, spelled out so that the report's command line shows it.
+    return [_exe("granian"), "--interface", "wsgi", "--host", HOST, "--port", str(port),
+            "--workers", str(ctx.workers), "--blocking-threads", str(ctx.gthread_threads),
+            "--runtime-threads", "1", "--backlog", str(ctx.backlog), "--working-dir", str(ctx.appdir),
+            "--workers-kill-timeout", "8", "--respawn-interval", "3.5", "--no-ws", f"{APP_MODULE}:application"]
+
+
 def uwsgi_argv(ctx: Ctx, port: int) -> list[str]:
     # --lazy-apps: workers import the app after fork, so a chain reload (`c`) runs new code;
     # it does not change what `r` does (the master still re-execs itself).
@@ -177,6 +194,7 @@ SERVERS: dict[str, Server] = {s.name: s for s in [
            available=_need("gunicorn")),
     Server("uwsgi", "uWSGI (--http-socket)", uwsgi_argv, ["fifo-r", "fifo-c"], fifo=True,
            available=_need("uwsgi")),
+    Server("granian", "Granian (WSGI)", granian_argv, ["hup"], available=_need("granian")),
 ]}
 
 
@@ -633,7 +651,8 @@ def scan_log(path: Path, name: str, tail: int = 0) -> dict:
     if tail:
         findings["tail"] = [line[:400] for line in lines[-tail:]]
     for line in lines:
-        if '"shutdown_requested"' in line or "SIGINT/SIGTERM received" in line or "Handling signal" in line:
+        if ('"shutdown_requested"' in line or "SIGINT/SIGTERM received" in line or "Handling signal" in line
+                or "Shutting down granian" in line):
             findings["signals"].append(line[:400])
     for line in lines:
         findings["lines"] += 1
@@ -656,6 +675,9 @@ def scan_log(path: Path, name: str, tail: int = 0) -> dict:
             problem = bool(re.search(r"(?i)\b(error|exception|traceback|critical|segmentation|no mercy)\b", line))
             if name.startswith("gunicorn") and "[INFO]" in line:
                 problem = False
+            if name == "granian":  # "[LEVEL] message"; a worker that had to be killed logs a WARNING
+                problem = (problem and not line.startswith("[INFO]")) or line.startswith(
+                    ("[WARNING]", "[ERROR]", "[CRITICAL]"))
         if problem and len(findings["problems"]) < 40:
             findings["problems"].append(line[:400])
     return findings
@@ -692,6 +714,8 @@ def environment() -> dict:
         "gunicorn": sh([_exe("gunicorn"), "--version"]).replace("gunicorn", "").replace("(version", "")
         .replace(")", "").strip() or "not installed",
         "uwsgi": sh([_exe("uwsgi"), "--version"]) or "not installed",
+        "granian": sh([_exe("granian"), "--version"]).replace("granian", "").strip() or "not installed",
+        "peer_python": sh([str(PEER_BIN / "python"), "-c", "import platform; print(platform.python_version())"]),
         "wrk": (sh(["wrk", "--version"]).split(" [")[0].replace("wrk", "").strip() if shutil.which("wrk")
                 else "not installed"),
     }
@@ -850,10 +874,13 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
           f"{envinfo.get('loadavg_end', (float('nan'),))[0]:.2f} (other work on the machine skews results) |",
           *([f"| CPU busy just before the run | {envinfo['cpu_busy_before']:.0%} |"]
             if "cpu_busy_before" in envinfo else []),
-          f"| Python | {v['python']} |",
-          f"| supervise | {v['supervise']} |",
-          f"| gunicorn | {v['gunicorn']} |",
-          f"| uWSGI | {v['uwsgi']} (pip, compiled against the venv's Python) |",
+          f"| Python | {v['python']}"
+          + (f" (`.venv-bench`, the peers' venv: {v['peer_python']})"
+             if v.get("peer_python") and v.get("peer_python") != v["python"] else "") + " |",
+          f"| supervise | {v['supervise']} (`.venv`) |",
+          f"| gunicorn | {v['gunicorn']} (`.venv-bench`) |",
+          f"| uWSGI | {v['uwsgi']} (`.venv-bench`; pip, compiled against the venv's Python) |",
+          f"| Granian | {v.get('granian', 'not installed')} (`.venv-bench`) |",
           f"| wrk | {v['wrk']} |",
           f"| app import time | {imp['import_ms']:.2f} ms in-process; {imp['interpreter_and_import_ms']:.0f} ms for a "
           f"fresh interpreter + import (median of 7) |",
@@ -866,6 +893,8 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
           f"{opts.procs * opts.conns} concurrent closed-loop clients (raw sockets, HTTP/1.1), the same for "
           f"every server; {opts.timeout:g} s per-request timeout. "
           + ("wrk uses the same thread and connection counts." if opts.use_wrk else ""),
+          "* supervise runs from the project venv (`.venv/bin`), the other servers from their own venv "
+          "(`.venv-bench/bin`, installed by `bench/setup.sh` from `bench/requirements.txt`).",
           f"* The load generator shares the {envinfo['nproc']} cores with the server, so absolute numbers are "
           "low; compare ratios.",
           f"* Steady: {opts.steady_duration:g} s × {opts.repeats} runs (bench client) "
@@ -957,24 +986,25 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
 
     L += ["## Ratios", "",
           "supervise ÷ other server, medians (bench client; wrk in brackets).", "",
-          "| | vs gunicorn sync | vs gunicorn gthread | vs uWSGI |", "|---|---:|---:|---:|"]
+          "| | vs gunicorn sync | vs gunicorn gthread | vs uWSGI | vs Granian |", "|---|---:|---:|---:|---:|"]
     for ka in (True, False):
         cells = []
-        for other in ("gunicorn-sync", "gunicorn-gthread", "uwsgi"):
+        for other in PEERS:
             a = ratio(sv("supervise", "steady", ka), sv(other, "steady", ka))
             b = ratio(sv("supervise", "wrk", ka), sv(other, "wrk", ka))
             cells.append(f"{fmt(a)}× [{fmt(b)}×]" if a is not None else "–")
         L.append(f"| steady req/s, keep-alive {ka_txt[ka]} | " + " | ".join(cells) + " |")
     for ka in (True, False):
         cells = []
-        for other in ("gunicorn-sync", "gunicorn-gthread", "uwsgi"):
+        for other in PEERS:
             a = ratio(sv("supervise", "steady", ka, "p99"), sv(other, "steady", ka, "p99"))
             cells.append(f"{fmt(a)}×" if a is not None else "–")
         L.append(f"| steady p99, keep-alive {ka_txt[ka]} (lower is better) | " + " | ".join(cells) + " |")
     for ka in (True, False):
         cells = []
         sup = rl.get(("supervise", "hup", ka))
-        for other, m in (("gunicorn-sync", "hup"), ("gunicorn-gthread", "hup"), ("uwsgi", "fifo-c")):
+        for other, m in (("gunicorn-sync", "hup"), ("gunicorn-gthread", "hup"), ("uwsgi", "fifo-c"),
+                         ("granian", "hup")):
             o = rl.get((other, m, ka))
             a = ratio(sup and sup["rps"], o and o["rps"])
             cells.append(f"{fmt(a)}×" if a is not None else "–")
@@ -1043,6 +1073,15 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
           "starving the others.)",
           "* uWSGI `r` re-executes the master and all workers at once; `c` replaces one worker at a time and "
           "needs `--lazy-apps` to load new code.",
+          "* Granian (`--interface wsgi`) reloads on SIGHUP by replacing its workers one at a time: it starts a "
+          "new worker (which imports the app afresh), sleeps `--respawn-interval` (3.5 s, the default), then "
+          "terminates the old one and moves on to the next. With 2 workers a reload takes about 7 s, so "
+          "SIGHUPs every 2 s arrive while one is in progress and are merged into a single further reload "
+          "(fewer \"new code seen\"; a worker started later loads whatever code is on disk by then). A "
+          "keep-alive connection stays with its old worker until that worker is stopped, so a keep-alive client "
+          "gets new code only after the respawn interval (the idle single-connection client sees at most the "
+          "first trigger's version before its run ends). Stopping a worker closes its connections, hence the "
+          "`eof` failures. Its `--reload` option is a development file watcher and is not used.",
           "* \"new code seen\" below its total means some triggers never produced a response with their own "
           "VERSION: a later trigger superseded them (uWSGI ignores `c` while a chain reload is still running, "
           "which with 2 workers takes about 2 s). \"→ last old-code response\" is when the version before the "
@@ -1085,7 +1124,8 @@ def _stalled(ms: float) -> str:
 
 
 def _short_argv(argv: str) -> str:
-    return re.sub(r"\S*/(bench/results/[^/ ]+/)", r"\1", argv).replace(str(VENV_BIN) + "/", "")
+    argv = re.sub(r"\S*/(bench/results/[^/ ]+/)", r"\1", argv)
+    return argv.replace(str(VENV_BIN) + "/", "").replace(str(PEER_BIN) + "/", "")
 
 
 # --------------------------------------------------------------------------- main
@@ -1102,7 +1142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="steady runs per mode (default 3; --quick 1)")
     ap.add_argument("--reload-repeats", type=int, help="reload runs per mode (default 2; --quick 1)")
     ap.add_argument("--workers", type=int, default=2, help="workers per server (default 2)")
-    ap.add_argument("--threads", type=int, default=4, help="gunicorn gthread threads per worker (default 4)")
+    ap.add_argument("--threads", type=int, default=4,
+                    help="threads per worker of gunicorn gthread (--threads) and Granian (--blocking-threads) "
+                    "(default 4)")
     ap.add_argument("--procs", type=int, default=2, help="load generator processes (default 2)")
     ap.add_argument("--conns", type=int, default=8, help="connections per load process (default 8)")
     ap.add_argument("--no-wrk", action="store_true", help="skip the wrk runs")

@@ -253,3 +253,89 @@ def test_unknown_children_are_reaped_quietly():
     sim = running(1)
     actions = sim.handle(Exited(99999, "exit 0"))
     assert notes(actions, "orphan_reaped") and not [a for a in actions if isinstance(a, Spawn)]
+
+
+# --------------------------------------------------------------------------- hostile-operator cases
+
+
+def test_a_paused_master_gives_workers_a_fresh_heartbeat_period():
+    sim = running(2, worker_timeout=5.0)
+    sim.core.next_deadline()  # what the master asks before it sleeps
+    actions = sim.advance(8.0)  # SIGSTOP for 8 s: no heartbeat could be read
+    assert notes(actions, "master_was_paused") and not [a for a in actions if isinstance(a, Kill)]
+    kills = [a for a in sim.advance(5.0) if isinstance(a, Kill)]
+    assert len(kills) == 2, "workers that stay silent after the pause are still judged"
+
+
+def test_negative_control_without_the_pause_check_healthy_workers_are_killed():
+    sim = running(2, worker_timeout=5.0)
+    # The master did not promise a deadline (as if it never looked): no pause can be noticed.
+    actions = sim.advance(8.0)
+    assert len([a for a in actions if isinstance(a, Kill)]) == 2
+
+
+def test_sigpwr_is_a_graceful_stop_and_other_signals_are_ignored_and_logged_once_per_interval():
+    sim = running(1)
+    for _ in range(50):
+        sim.signal("SIGALRM")
+    logged = notes(sim.log, "signal_ignored")
+    assert len(logged) == 1 and logged[0].fields == {"signal": "SIGALRM"}
+    sim.advance(10.0)
+    assert notes(sim.signal("SIGALRM"), "signal_ignored")[0].fields["not_logged"] == 49
+    assert notes(sim.signal("SIGTTIN"), "signal_ignored")[0].fields["why"] == "reserved for live scaling"
+    assert [a for a in sim.signal("SIGPWR") if isinstance(a, Drain)]
+
+
+def test_a_worker_that_served_is_respawned_at_once_however_often_requests_crash_it():
+    sim = running(2)
+    for _ in range(6):
+        pid = sim.pids_of(1)[0]
+        sim.pool.heartbeat(sim.now, pid, requests=1)
+        actions = sim.exit(pid, "exit 7")
+        assert [a for a in actions if isinstance(a, Spawn)] == [Spawn(1, 1)] or Spawn(1, 2) in actions
+        assert not notes(actions, "worker_backoff")
+        sim.ready_all(1)
+
+
+def test_negative_control_a_worker_that_never_served_backs_off():
+    sim = running(1)
+    delays = []
+    for _ in range(3):
+        actions = sim.exit(sim.pids_of(1)[0], "exit 1")
+        backoff = notes(actions, "worker_backoff")
+        delays += [n.fields["delay"] for n in backoff]
+        if backoff:
+            sim.advance(backoff[0].fields["delay"])
+        sim.ready_all(1)
+    assert delays == [0.5, 1.0]
+
+
+def test_boots_are_bounded_so_a_stop_signal_is_handled_in_the_next_turn():
+    sim = Sim(40, boot_concurrency=8)
+    spawns = [a for a in sim.start() if isinstance(a, Spawn)]
+    assert len(spawns) == 8, "at most boot_concurrency workers import at once"
+    actions = sim.signal("SIGTERM")
+    assert not [a for a in actions if isinstance(a, Spawn)]
+    assert len([a for a in actions if isinstance(a, Kill)]) == 8
+    sim.exit_all(sim.pids_of(1))
+    assert sim.exited_with == Exit(0, "shutdown complete")
+
+
+def test_health_needs_a_worker_that_can_take_a_request():
+    sim = running(2, threads=2)
+    a, b = sim.pids_of(1)
+    assert sim.core.can_serve(sim.now)
+    sim.pool.heartbeat(sim.now, a, requests=5, busy=2)  # both threads busy
+    sim.advance(3.5)  # b's loop is silent: stuck in a request
+    sim.pool.heartbeat(sim.now, a, requests=5, busy=2)
+    healthy, body = view.health(sim.core, sim.now, 0.0, 1, lambda pid: None)
+    assert not healthy and body["status"] == "unavailable" and body["available_workers"] == 0
+    sim.pool.heartbeat(sim.now, a, requests=6, busy=1)
+    assert view.health(sim.core, sim.now, 0.0, 1, lambda pid: None)[0]
+
+
+def test_health_is_503_while_every_slot_waits_to_respawn():
+    sim = running(1)
+    sim.exit(sim.pids_of(1)[0], "exit 1")  # never served: a backoff may follow
+    healthy, body = view.health(sim.core, sim.now, 0.0, 1, lambda pid: None)
+    assert not healthy and body["workers"] == [] or body["available_workers"] == 0
