@@ -53,6 +53,7 @@ class Beat(Message):
     requests: int = 0
     drained: int = 0
     busy: int = 0  # requests in app threads right now (with --threads > 1)
+    started: int = 0  # requests handed to the app so far (the first is reported at once)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,31 @@ def application(environ, start_response):
             os.wait()
     elif path == "/crash":
         os._exit(7)
+    elif path == "/body":  # reads the whole request body
+        data = environ["wsgi.input"].read()
+        body = str(len(data)).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    elif path == "/big":  # one large chunk: ?mb=N MiB
+        body = b"x" * (int(query.get("mb", "1")) << 20)
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))])
+        return [body]
+    elif path == "/daemon":  # double-fork a daemon (setsid) that keeps every inherited descriptor
+        r, w = os.pipe()
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.write(w, str(os.getpid()).encode())
+                os.close(w)
+                time.sleep(600)  # the daemon lives on: it is what a clean exit must not leave behind
+                os._exit(0)
+            os._exit(0)
+        os.close(w)
+        os.wait()
+        body = os.read(r, 32)
+        os.close(r)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
     elif path == "/pid":
         body = str(os.getpid()).encode()
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])

@@ -85,6 +85,107 @@ def serve_late() -> None:
     WorkerLoop._hand_off = serve_anyway  # type: ignore[method-assign]
 
 
+# --------------------------------------------------------------------------- negative controls for
+# the hostile-client and careless-operator cases (tests/test_hostile.py): each puts back the
+# behaviour that caused an outage, to show the test would catch it.
+
+
+def health_leak() -> None:
+    """#1: the health server closes an idle client without unregistering it from the selector."""
+    from supervisor.master.health import HealthServer
+
+    def close_without_unregister(self: HealthServer, client: Any) -> None:
+        if self.clients.pop(client.sock, None) is not None:
+            client.sock.close()
+
+    HealthServer._close = close_without_unregister  # type: ignore[method-assign]
+
+
+def blocking_writes() -> None:
+    """#3: a response write waits for the client, holding the worker."""
+    import select
+
+    from supervisor.worker.loop import WorkerLoop
+
+    def wait_for_the_client(self: WorkerLoop, conn: Any, progress: bool) -> int:
+        if select.select([], [conn.sock], [], self.spec.write_timeout)[1]:
+            return self._pump(conn)
+        return self._abort(conn)
+
+    WorkerLoop._await_write = wait_for_the_client  # type: ignore[method-assign]
+
+
+def escalating_backoff() -> None:
+    """#5: every crash grows the slot's backoff, even for workers that served."""
+    from supervisor.lifecycle.actions import Log
+    from supervisor.lifecycle.backoff import WORKER_RESPAWN
+    from supervisor.lifecycle.pool import Pool
+
+    def schedule(self: Pool, now: float, slot: Any, w: Any) -> None:
+        if self.retiring:
+            return
+        slot.failures += 1
+        delay = WORKER_RESPAWN.delay(slot.failures)
+        slot.spawn_at, slot.generation = now + delay, w.generation
+        if delay:
+            self._emit(Log("worker_backoff", {"worker": slot.index, "failures": slot.failures, "delay": delay}))
+
+    Pool._schedule_respawn = schedule  # type: ignore[method-assign]
+
+
+def unbounded_boots() -> None:
+    """#4: every worker of the pool is forked at once."""
+    from supervisor.master import loop
+
+    loop.usable_cpus = lambda: 100_000  # type: ignore[assignment]
+
+
+def accept_spin() -> None:
+    """#6: accept() failing for lack of descriptors is logged and retried at once."""
+    from supervisor.worker.loop import WorkerLoop
+
+    def log_and_retry(self: WorkerLoop, exc: OSError) -> None:
+        self.log.warning("accept_failed", error=str(exc))
+
+    WorkerLoop._accept_failed = log_and_retry  # type: ignore[method-assign]
+
+
+def no_lifeline() -> None:
+    """#7: workers rely on the parent-death signal alone."""
+    from supervisor import proc
+
+    proc.watch_lifeline = lambda read_fd, grace: None  # type: ignore[assignment]
+
+
+def no_descendant_sweep() -> None:
+    """#8: the exiting master leaves the app's daemons alone."""
+    from supervisor import proc
+
+    proc.terminate_descendants = lambda grace: 0  # type: ignore[assignment]
+
+
+def no_pause_grace() -> None:
+    """#9: the master judges heartbeats right after it was paused."""
+    from supervisor.lifecycle import core
+
+    core.PAUSE_SLACK = float("inf")  # type: ignore[misc]
+
+
+def default_signals() -> None:
+    """#10: the master handles only the signals it used to."""
+    from supervisor import proc
+
+    proc.MASTER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                           signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def idle_no_peek() -> None:
+    """#11: an idle keep-alive connection past its timeout is closed, unread bytes or not."""
+    from supervisor.worker.loop import WorkerLoop
+
+    WorkerLoop._idle_expired = lambda self, conn, now: self._linger(conn, now)  # type: ignore[method-assign]
+
+
 def _take(path: Path) -> bool:
     try:
         path.unlink()
@@ -97,6 +198,16 @@ PATCHES: dict[str, Callable[[], None]] = {
     "retire-early": retire_early,
     "handoff-gate": handoff_gate,
     "serve-late": serve_late,
+    "health-leak": health_leak,
+    "blocking-writes": blocking_writes,
+    "escalating-backoff": escalating_backoff,
+    "unbounded-boots": unbounded_boots,
+    "accept-spin": accept_spin,
+    "no-lifeline": no_lifeline,
+    "no-descendant-sweep": no_descendant_sweep,
+    "no-pause-grace": no_pause_grace,
+    "default-signals": default_signals,
+    "idle-no-peek": idle_no_peek,
 }
 
 

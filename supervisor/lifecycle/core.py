@@ -156,7 +156,7 @@ class Lifecycle:
             return
         if pid in self.pool.workers:
             if isinstance(message, proto.Beat):
-                self.pool.heartbeat(now, pid, message.requests, message.drained, message.busy)
+                self.pool.heartbeat(now, pid, message.requests, message.drained, message.busy, message.started)
             elif isinstance(message, proto.Ready):
                 self.pool.ready(now, pid)
             elif isinstance(message, proto.BootError):

@@ -82,6 +82,7 @@ class Worker:
     boot_error: str | None = None
     max_requests: int = 0
     busy: int = 0  # requests in its app threads at the last heartbeat
+    started: int = 0  # requests it handed to the app (its first one is reported at once)
 
 
 @dataclass
@@ -230,7 +231,8 @@ class Pool:
         self._emit(Log("worker_ready", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
                                         "boot_seconds": round(now - w.spawned_at, 3)}))
 
-    def heartbeat(self, now: float, pid: int, requests: int, drained: int = 0, busy: int = 0) -> None:
+    def heartbeat(self, now: float, pid: int, requests: int, drained: int = 0, busy: int = 0,
+                  started: int = 0) -> None:
         """A worker's periodic report: requests served so far, since it began draining, and in
         its app threads now."""
         w = self.workers.get(pid)
@@ -238,6 +240,7 @@ class Pool:
             return
         w.last_seen = now
         w.requests, w.drained_requests, w.busy = requests, drained, busy
+        w.started = max(started, requests)
         if w.max_requests and requests >= w.max_requests and w.state == WorkerState.SERVING:
             self.recycle(now, pid, f"max-requests ({w.max_requests})")
 
@@ -559,11 +562,11 @@ class Pool:
     def _schedule_respawn(self, now: float, slot: Slot, w: Worker) -> None:
         if self.retiring:
             return
-        # A worker that served requests proved its code boots and serves: what killed it was a
-        # request (an endpoint that crashes), not a crash loop, so its slot comes back at once
-        # and the backoff does not grow.  Otherwise one crashing endpoint would push every slot
-        # into a long backoff: an outage for every other endpoint.
-        proven = w.requests > 0 or (w.ready_at is not None and now - w.ready_at >= STABLE_UPTIME)
+        # A worker that took requests proved its code boots and serves: what killed it was most
+        # likely a request (an endpoint that crashes), not a crash loop, so its slot comes back
+        # at once and the backoff does not grow.  Otherwise one crashing endpoint would push
+        # every slot into a long backoff: an outage for every other endpoint.
+        proven = w.started > 0 or (w.ready_at is not None and now - w.ready_at >= STABLE_UPTIME)
         slot.failures = 1 if proven else slot.failures + 1
         delay = WORKER_RESPAWN.delay(slot.failures)
         slot.spawn_at = now + delay

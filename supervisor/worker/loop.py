@@ -23,6 +23,7 @@ import queue
 import select
 import signal
 import socket
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -40,8 +41,9 @@ SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their dead
 FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may take to send its request
 LINGER = 2.0  # how long a closing connection keeps reading so the client never gets a RST
 ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 1.0  # back-off after accept() failed (out of descriptors)
-ACCEPT_LOG_INTERVAL = 5.0  # at most one accept_failed line per interval, with a count
+ACCEPT_LOG_INTERVAL = 2.0  # at most one accept_failed line per interval, with a count
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 # conn.phase
 IDLE, HEAD, BODY, APP, WRITE, LINGERING = range(6)
@@ -73,7 +75,7 @@ class WorkerLoop:
         self.accept_pause = ACCEPT_PAUSE_MIN
         self.accept_failures = 0
         self.accept_logged_at = float("-inf")
-        self.first_reported = False
+        self.started = 0  # requests handed to the app
         first = listeners[0].getsockname() if listeners else ("", 0)
         is_inet = isinstance(first, tuple)
         self.adapter = Adapter(
@@ -140,7 +142,7 @@ class WorkerLoop:
         """Heartbeat: proves the loop turns; requests served (and since draining); app threads busy."""
         served = self.adapter.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
-        self.chan.send(proto.Beat(served, drained, len(self.owned)))
+        self.chan.send(proto.Beat(served, drained, len(self.owned), self.started))
 
     # ------------------------------------------------------------------ the master and signals
     def _on_signals(self) -> None:
@@ -348,6 +350,11 @@ class WorkerLoop:
     # ------------------------------------------------------------------ the response
     def _dispatch(self, conn: Connection, req: Request) -> int:
         conn.phase = APP
+        self.started += 1
+        if self.started == 1:
+            # Tell the master at once that this worker took a request: should the request crash
+            # it, its slot is respawned without backoff (that is no crash loop).
+            self.beat()
         if self.executor is None:
             conn.exchange = self.adapter.begin(conn, req, time.monotonic())
             return self._pump(conn)
@@ -372,7 +379,7 @@ class WorkerLoop:
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError:
-                    return self._abort(conn)
+                    return self._abort(conn, reset=True)  # the client is gone
                 if sent < len(data):
                     ex.pending = memoryview(data)[sent:]
                     return self._await_write(conn, sent > 0)
@@ -422,11 +429,6 @@ class WorkerLoop:
     def _end_exchange(self, conn: Connection) -> int:
         ex = conn.exchange
         keep = self.adapter.finish(ex)
-        if self.adapter.requests == 1 and not self.first_reported:
-            # Tell the master at once that this worker serves: should a request crash it, its
-            # slot is respawned without backoff (it is not a crash loop).
-            self.first_reported = True
-            self.beat()
         conn.exchange = None
         if conn.requests and conn.requests[0] is ex.req:
             conn.drop_request()
@@ -435,13 +437,23 @@ class WorkerLoop:
         self._finish(conn)
         return CLOSED
 
-    def _abort(self, conn: Connection) -> int:
-        """The response cannot be completed (the client went away, or the app failed after
-        the head was sent): drop the connection, the only way to tell the client."""
+    def _abort(self, conn: Connection, reset: bool = False) -> int:
+        """The response cannot be completed (the app failed after the head was sent, or the
+        client went away or stopped reading): closing is the only way to tell the client.  A
+        truncated response ends with a FIN, so the client reads what was sent and sees it cut;
+        a client that stopped reading gets a reset, so the kernel drops what is still unsent
+        at once instead of keeping it for a client that does not read."""
         ex = conn.exchange
         if ex is not None:
             conn.exchange = None
             self.adapter.abandon(ex)
+        if not reset:
+            self._linger(conn, time.monotonic())
+            return CLOSED
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        except OSError:
+            pass
         self._close(conn)
         return CLOSED
 
@@ -512,7 +524,7 @@ class WorkerLoop:
                               seconds={HEAD: self.spec.header_timeout, BODY: self.spec.body_timeout,
                                        WRITE: self.spec.write_timeout}[phase])
                 if phase == WRITE:
-                    self._abort(conn)
+                    self._abort(conn, reset=True)
                 else:
                     self._reject(conn, 408, f"request {PHASE_NAMES[phase]} too slow")
         return due
