@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8000
 
-.PHONY: install demo test test-fast bench bench-quick image image-demo docs clean
+.PHONY: install demo test test-fast soak bench bench-quick image image-demo docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install
 # Everything but the Docker and Consul end-to-end tests.
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not docker and not consul"
+
+# Every hostile client and careless operator of tests/test_hostile.py at once, under load, against
+# one supervise (loopback only; SOAK_ARGS="--duration 300" for longer): 0 failed requests expected.
+soak: install
+	$(PY) -m tests.soak $(SOAK_ARGS)
 
 # Side by side with gunicorn (sync, gthread), uWSGI and Granian (installed into .venv-bench by
 # bench/setup.sh); writes docs/benchmarks.md (~12 min).

@@ -124,7 +124,7 @@ def _bind_all(config: Config, log: Any) -> tuple[list[socket.socket], int]:
     try:
         for text in config.bind:
             address = sockets.parse_address(text)
-            sock = sockets.bind(address, config.backlog)
+            sock = sockets.bind(address, config.backlog, defer_accept=True)
             real = sockets.bound_address(sock, address)
             port = port or real.port
             listeners.append(sock)

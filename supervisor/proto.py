@@ -31,9 +31,12 @@ class Message:
 
 @dataclass(frozen=True)
 class Ready(Message):
-    """The app is imported: the worker can serve once told to accept."""
+    """The app is imported: the worker can serve once told to accept.  `code`: a fingerprint
+    of the app's modules it imported (paths, sizes, mtimes), so the master can tell when a
+    respawn loaded different code than its generation runs."""
 
     kind: ClassVar[str] = "ready"
+    code: str = ""
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,16 @@ def parse_address(text: str) -> Address:
     return Address(family, host, int(port_text))
 
 
-def bind(address: Address, backlog: int) -> socket.socket:
-    """Bind and listen.  Raises BindError with a one-line reason."""
+DEFER_ACCEPT = 1  # seconds: a TCP connection reaches accept() once its first bytes arrived
+
+
+def bind(address: Address, backlog: int, defer_accept: bool = False) -> socket.socket:
+    """Bind and listen.  Raises BindError with a one-line reason.
+
+    `defer_accept` (the HTTP listeners): the kernel hands over a connection only once its
+    request began to arrive (or after DEFER_ACCEPT seconds), so a worker never holds a
+    connection it cannot serve at once: connect-only clients cost it nothing, and a worker
+    that a request crashes takes no unserved client down with it."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         if address.family == socket.AF_UNIX:
@@ -69,6 +77,8 @@ def bind(address: Address, backlog: int) -> socket.socket:
             if address.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((address.host, address.port))
+            if defer_accept:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()

@@ -339,3 +339,45 @@ def test_health_is_503_while_every_slot_waits_to_respawn():
     sim.exit(sim.pids_of(1)[0], "exit 1")  # never served: a backoff may follow
     healthy, body = view.health(sim.core, sim.now, 0.0, 1, lambda pid: None)
     assert not healthy and body["workers"] == [] or body["available_workers"] == 0
+
+
+# --------------------------------------------------------------------------- one generation, one code
+
+
+def test_a_respawn_that_loads_other_code_is_not_swapped_in_and_a_reload_follows():
+    sim = running(2)
+    sim.pool.generations[1].code = "v1"
+    crashed = sim.pids_of(1)[0]
+    sim.pool.heartbeat(sim.now, crashed, requests=1)
+    sim.exit(crashed, "exit 7")
+    (respawn,) = sim.pids_of(1, "starting")
+    sim.pool.ready(sim.now, respawn, code="v2")  # the code on disk changed since generation 1 booted
+    actions = sim.step()
+    assert Kill(respawn, "it loaded other code than its generation runs") in actions
+    assert Accept(respawn) not in actions
+    assert notes(actions, "code_changed_under_generation")
+    actions = sim.exit(respawn, "signal 9 (SIGKILL)")
+    assert [a for a in actions if isinstance(a, Spawn)] == [Spawn(2, 1), Spawn(2, 2)], "a whole new generation"
+
+
+def test_negative_control_a_respawn_with_the_same_code_is_swapped_in():
+    sim = running(2)
+    crashed = sim.pids_of(1)[0]
+    sim.pool.generations[1].code = "v1"
+    sim.exit(crashed, "exit 7")
+    respawn = [p for p in sim.pids_of(1, "starting")][0]
+    sim.pool.ready(sim.now, respawn, code="v1")
+    assert Accept(respawn) in sim.step()
+
+
+def test_code_that_changes_while_a_generation_boots_supersedes_it():
+    sim = running(2)
+    sim.reload()
+    a, b = sim.pids_of(2)
+    sim.pool.ready(sim.now, a, code="v2")
+    sim.pool.ready(sim.now, b, code="v3")  # deployed again while generation 2 booted
+    actions = sim.step()
+    assert {k.pid for k in actions if isinstance(k, Kill)} == {a, b}
+    assert sim.pool.generations[2].state == "superseded" and sim.pool.pending is not None
+    actions = sim.exit_all([a, b])
+    assert [s for s in actions if isinstance(s, Spawn)] == [Spawn(3, 1), Spawn(3, 2)]

@@ -158,7 +158,7 @@ class Lifecycle:
             if isinstance(message, proto.Beat):
                 self.pool.heartbeat(now, pid, message.requests, message.drained, message.busy, message.started)
             elif isinstance(message, proto.Ready):
-                self.pool.ready(now, pid)
+                self.pool.ready(now, pid, message.code)
             elif isinstance(message, proto.BootError):
                 self.pool.boot_error(now, pid, message.error)
             return

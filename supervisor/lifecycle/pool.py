@@ -109,6 +109,7 @@ class Generation:
     drained_requests: int = 0
     outcome_logged: bool = False
     previous: int | None = None  # the generation this one replaces
+    code: str | None = None  # the fingerprint of the code its workers run (from the first ready one)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class Pool:
         self._out: list[Output] = []
         self._spawning: set[int] = set()  # slots with a Spawn queued or emitted but not yet `spawned`
         self._queue: list[tuple[int, int]] = []  # (generation, slot) waiting for a boot place
+        self._stale: set[int] = set()  # slots whose respawn loaded other code: refilled by a reload
         self._done = False  # the terminal output (Exit or PoolEmpty) was emitted
 
     # ------------------------------------------------------------------ queries
@@ -223,13 +225,37 @@ class Pool:
                                    max_requests=limit if self.limits.max_requests else 0)
         self._emit(Log("worker_spawned", {"worker": slot, "generation": generation, "worker_pid": pid}))
 
-    def ready(self, now: float, pid: int) -> None:
+    def ready(self, now: float, pid: int, code: str = "") -> None:
         w = self.workers.get(pid)
         if w is None or w.state != WorkerState.STARTING:
             return
         w.state, w.ready_at, w.last_seen = WorkerState.READY, now, now
         self._emit(Log("worker_ready", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
                                         "boot_seconds": round(now - w.spawned_at, 3)}))
+        gen = self.generations.get(w.generation)
+        if gen is None or not code:
+            return
+        if gen.code is None:
+            gen.code = code
+        elif code != gen.code:
+            self._code_changed(now, gen, w)
+
+    def _code_changed(self, now: float, gen: Generation, w: Worker) -> None:
+        """A worker loaded other code than its generation runs: the code changed on disk since
+        the generation booted.  A generation is one version of the code, so that no client
+        ever gets the new code and then the old: a reload builds a whole generation of it."""
+        self._emit(Log("code_changed_under_generation", {"generation": gen.number, "worker": w.slot,
+                                                          "worker_pid": w.pid}, Level.WARNING))
+        reason = "the code changed on disk"
+        if gen.first and gen.state == GenState.STARTING:
+            self.reload(now, reason, gen.env, supersede=False)  # serve at start, then converge
+        elif gen.state == GenState.STARTING:
+            self._abandon(now, gen, GenState.SUPERSEDED, "the code changed while it booted")
+            self.pending = PendingReload(gen.reason, gen.env, now)
+        else:  # a respawn or a recycle replacement of a serving generation
+            self._kill(w, "it loaded other code than its generation runs")
+            self._stale.add(w.slot)
+            self.reload(now, reason, gen.env, supersede=False)
 
     def heartbeat(self, now: float, pid: int, requests: int, drained: int = 0, busy: int = 0,
                   started: int = 0) -> None:
@@ -422,6 +448,7 @@ class Pool:
             self._drain(now, self.workers[old])
         slot.serving, slot.generation = w.pid, w.generation
         slot.spawn_at = None
+        self._stale.discard(slot.index)
         w.state = WorkerState.SERVING
         self._emit(Accept(w.pid))
 
@@ -440,7 +467,7 @@ class Pool:
     def _start_pending(self, now: float) -> None:
         """Start the queued reload once nothing else is booting, draining or dying, so at most
         two generations are ever alive: the serving one and the new one."""
-        if self.pending is None or not self._any_serving():
+        if self.pending is None or not self._any_serving() or self.starting_generation() is not None:
             return
         if any(w.state != WorkerState.SERVING for w in self.workers.values()):
             return
@@ -457,14 +484,22 @@ class Pool:
         gen = self.starting_generation()
         if gen is not None and gen.rolling and not gen.first:
             self._roll_next(gen)
+        # While a reload is coming, a respawn or recycle would load the new code into the old
+        # generation: the new generation fills those slots instead (a failed reload leaves
+        # them to be refilled afterwards).
+        reloading = (gen is not None and not gen.first) or (gen is None and self.pending is not None)
         for slot in self.slots:
             if slot.serving is None:
-                if slot.spawn_at is not None and now >= slot.spawn_at and not self._slot_booting(slot):
+                if reloading or self._slot_booting(slot):
+                    continue
+                if slot.index in self._stale:
+                    slot.spawn_at = slot.spawn_at if slot.spawn_at is not None else now
+                if slot.spawn_at is not None and now >= slot.spawn_at:
                     slot.spawn_at = None
                     self._spawn(slot.generation, slot.index)
                 continue
             w = self.workers[slot.serving]
-            if w.recycle and not self._slot_booting(slot) and (gen is None or gen.first):
+            if w.recycle and not reloading and not self._slot_booting(slot):
                 self._spawn(w.generation, slot.index)
 
     def _roll_next(self, gen: Generation) -> None:

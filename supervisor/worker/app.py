@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.machinery
 import os
@@ -65,3 +66,16 @@ def load_app(target: str) -> Callable | str:
     return obj
 
 
+def code_fingerprint(code_dir: str) -> str:
+    """What identifies the code this worker runs: every module it imported from the code
+    directory, with its size and mtime, and the directory's real path (a symlink swap)."""
+    prefix = code_dir.rstrip(os.sep) + os.sep
+    digest = hashlib.sha1(code_dir.encode())
+    for path in sorted({f for m in list(sys.modules.values())
+                        if isinstance(f := getattr(m, "__file__", None), str) and f.startswith(prefix)}):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

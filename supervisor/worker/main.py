@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from supervisor import logs, proc, proto
 from supervisor.channel import Channel
-from supervisor.worker.app import load_app, prepare_import
+from supervisor.worker.app import code_fingerprint, load_app, prepare_import
 from supervisor.worker.loop import WorkerLoop
 from supervisor.worker.spec import WorkerSpec
 
@@ -60,7 +60,7 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
         return EXIT_BOOT_FAILED
     loop = WorkerLoop(spec, app_or_error, listeners, chan, wake_r, log)
     grace[0] = spec.graceful_timeout
-    chan.send(proto.Ready())
+    chan.send(proto.Ready(code_fingerprint(code_dir)))
     loop.run()
     loop.beat()  # the final count, read by the master before it handles our exit
     return 0
