@@ -53,13 +53,15 @@ def handoff_gate() -> None:
     def patched_init(self: WorkerLoop, spec: Any, *args: Any, **kwargs: Any) -> None:
         init(self, spec, *args, **kwargs)
         state["generation"] = spec.generation
+        loop_handler = signal.getsignal(signal.SIGTERM)
 
-        def on_term(signum: int, frame: Any) -> None:  # the wakeup fd still gets the signal
+        def on_term(signum: int, frame: Any) -> None:  # the loop's handler, and a note for the gate
+            loop_handler(signum, frame)  # type: ignore[operator]
             state["term"] = True
 
         signal.signal(signal.SIGTERM, on_term)
 
-    accept = socket.socket.accept
+    accept = socket.socket._accept  # type: ignore[attr-defined]
 
     def patched_accept(self: socket.socket) -> Any:
         result = accept(self)
@@ -71,7 +73,7 @@ def handoff_gate() -> None:
         return result
 
     WorkerLoop.__init__ = patched_init  # type: ignore[method-assign]
-    socket.socket.accept = patched_accept  # type: ignore[method-assign]
+    socket.socket._accept = patched_accept  # type: ignore[attr-defined]
 
 
 def serve_late() -> None:

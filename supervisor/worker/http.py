@@ -132,6 +132,8 @@ class Connection:
         # The loop's bookkeeping: what the connection waits for, and until when.
         self.phase = 0
         self.deadline = 0.0
+        self.nagle = False  # TCP_NODELAY still to be set (before this connection's second write)
+        self.wrote = False
         self.exchange: Any = None  # the response in progress (supervisor.worker.wsgi.Exchange)
         self._cur: Request | None = None
 

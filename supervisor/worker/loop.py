@@ -76,6 +76,8 @@ class WorkerLoop:
         self.accept_failures = 0
         self.accept_logged_at = float("-inf")
         self.started = 0  # requests handed to the app
+        self.term_arrived = False
+        signal.signal(signal.SIGTERM, self._term_arrived)
         first = listeners[0].getsockname() if listeners else ("", 0)
         is_inet = isinstance(first, tuple)
         self.adapter = Adapter(
@@ -98,7 +100,6 @@ class WorkerLoop:
         self.ep.register(wake_r, EPOLLIN)
         self.ep.register(chan.fileno(), EPOLLIN)
         self.listener_fds = {s.fileno(): s for s in listeners}
-        self.tcp_listeners = {s.fileno() for s in listeners if s.family != socket.AF_UNIX}
         for s in listeners:
             s.setblocking(False)
 
@@ -119,7 +120,7 @@ class WorkerLoop:
                 elif fd in listener_fds:
                     self._accept(listener_fds[fd])
                 elif fd == self.wake_r:
-                    self._on_signals()
+                    self._drain_wakeup()
                 elif fd == self.chan.fileno():
                     self._on_master()
                 elif fd == self.done_r:
@@ -145,13 +146,24 @@ class WorkerLoop:
         self.chan.send(proto.Beat(served, drained, len(self.owned), self.started))
 
     # ------------------------------------------------------------------ the master and signals
+    def _term_arrived(self, signum: int, frame: Any) -> None:
+        """SIGTERM's handler only notes it (and the wakeup fd wakes the loop); the loop acts.
+        It runs in this thread before the next Python function starts, so a look at the flag
+        right after a syscall returned sees a signal delivered on that return."""
+        self.term_arrived = True
+
     def _on_signals(self) -> None:
-        try:
-            signums = os.read(self.wake_r, 512)
-        except BlockingIOError:
-            return
-        if signal.SIGTERM in signums:
+        """Act on a SIGTERM that arrived.  Cheap when none did (no syscall): it is looked at
+        around every accept and before every response head."""
+        if self.term_arrived and not self.draining:
             self._begin_drain("SIGTERM")
+
+    def _drain_wakeup(self) -> None:
+        try:
+            os.read(self.wake_r, 512)
+        except BlockingIOError:
+            pass
+        self._on_signals()
 
     def _on_master(self) -> None:
         for received in self.chan.receive():
@@ -207,7 +219,8 @@ class WorkerLoop:
     def _accept(self, lsock: socket.socket) -> None:
         """Accept and serve up to ACCEPT_BATCH queued connections: one epoll wakeup for many.
         EPOLLEXCLUSIVE still wakes an idle sibling for the connections that keep arriving."""
-        tcp = lsock.fileno() in self.tcp_listeners
+        family = lsock.family
+        tcp = family != socket.AF_UNIX
         for _ in range(ACCEPT_BATCH):
             # epoll_wait returns ready events in preference to EINTR, so a SIGTERM sent while we
             # slept can arrive *with* this listener event: its byte lands in the wakeup pipe
@@ -217,7 +230,7 @@ class WorkerLoop:
             if not self.accepting:
                 return
             try:
-                sock, peer = lsock.accept()
+                fd, peer = lsock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: pause, then try again
@@ -227,6 +240,7 @@ class WorkerLoop:
             # a connection after the master told us to drain.  A signal sent before accept()
             # returned has been delivered by now (on the syscall's return), so this second look
             # is airtight: such a late connection goes back to the master, for the new generation.
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             self._on_signals()
             if self.draining:
                 self._hand_off(sock)
@@ -270,10 +284,9 @@ class WorkerLoop:
 
     def _serve_new(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
         sock.setblocking(False)
-        if tcp:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         spec = self.spec
         conn = Connection(sock, peer, spec.limits, spec.request_buffering, spec.body_spool_size)
+        conn.nagle = tcp  # TCP_NODELAY is set before a second write: a single one needs none
         conn.phase, conn.deadline = IDLE, time.monotonic() + self.idle_timeout
         self.conns[conn.fd] = conn
         self._read(conn)  # the request is usually there already
@@ -374,6 +387,12 @@ class WorkerLoop:
         while True:
             data = ex.pending
             if data:
+                if conn.nagle and conn.wrote:
+                    # A second write while the first may be unacknowledged: without NODELAY,
+                    # Nagle would hold it until the client's (delayed) ACK.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conn.nagle = False
+                conn.wrote = True
                 try:
                     sent = sock.send(data)
                 except (BlockingIOError, InterruptedError):

@@ -35,6 +35,7 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.sock
 
 
 def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
+    # SIGTERM only wakes the loop until the loop installs its own handler (that notes it too).
     proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, *(s.fileno() for s in listeners)}, on_term=_wake_only)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)

@@ -354,18 +354,23 @@ class Adapter:
     def _environ(self, conn: Connection, req: Request) -> dict[str, Any]:
         environ = self._base.copy()
         url = req.url
-        try:
-            parsed = httptools.parse_url(url)
-            raw_path = parsed.path or b"/"
-            query = parsed.query or b""
-        except httptools.HttpParserInvalidURLError:
-            raw_path, query = url, b""
-        if b"%" in raw_path:
-            raw_path = unquote_to_bytes(raw_path)
+        raw_uri = url.decode("latin-1")
+        if url[:1] == b"/" and b"?" not in url and b"%" not in url and b"#" not in url:
+            path, query = raw_uri, ""  # the common case: a plain path
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+                raw_path = parsed.path or b"/"
+                query = (parsed.query or b"").decode("latin-1")
+            except httptools.HttpParserInvalidURLError:
+                raw_path, query = url, ""
+            if b"%" in raw_path:
+                raw_path = unquote_to_bytes(raw_path)
+            path = raw_path.decode("latin-1")
         environ["REQUEST_METHOD"] = req.method.decode("latin-1")
-        environ["PATH_INFO"] = raw_path.decode("latin-1")
-        environ["QUERY_STRING"] = query.decode("latin-1")
-        environ["RAW_URI"] = environ["REQUEST_URI"] = url.decode("latin-1")
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = query
+        environ["RAW_URI"] = environ["REQUEST_URI"] = raw_uri
         environ["SERVER_PROTOCOL"] = "HTTP/" + req.version
         peer = conn.peer
         if isinstance(peer, tuple):
