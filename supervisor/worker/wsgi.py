@@ -157,13 +157,15 @@ class _DateCache:
 
 
 class Exchange:
-    """One request and the response in progress."""
+    """One request and the response in progress.  Its `start_response` and `write` are the
+    callables the app gets."""
 
-    __slots__ = ("conn", "req", "started", "environ", "status", "headers", "head_sent", "chunked", "length",
-                 "written", "close", "head_only", "result", "iterator", "inline", "pending", "file",
-                 "aborted", "counted")
+    __slots__ = ("adapter", "conn", "req", "started", "environ", "status", "headers", "head_sent", "chunked",
+                 "length", "written", "close", "head_only", "result", "iterator", "inline", "pending", "file",
+                 "aborted")
 
-    def __init__(self, conn: Connection, req: Request, started: float) -> None:
+    def __init__(self, adapter: "Adapter", conn: Connection, req: Request, started: float) -> None:
+        self.adapter = adapter
         self.conn = conn
         self.req = req
         self.started = started
@@ -182,7 +184,28 @@ class Exchange:
         self.pending: bytes | memoryview = EMPTY  # framed bytes to send next
         self.file: list[int] | None = None  # [fd, offset, remaining] still to sendfile()
         self.aborted = False  # the response cannot be completed: drop the connection
-        self.counted = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called a second time without exc_info")
+        self.status, self.headers = status, headers  # validated when the head is built
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy write(): sent at once, waiting for the client if it must."""
+        if self.status is None:
+            raise AssertionError("write() before start_response()")
+        adapter = self.adapter
+        adapter._frame(self, data)
+        pending, self.pending = self.pending, EMPTY
+        if pending:
+            send_all(self.conn.sock, pending, adapter.write_timeout)
 
 
 class Adapter:
@@ -215,7 +238,7 @@ class Adapter:
     def begin(self, conn: Connection, req: Request, now: float) -> Exchange:
         """Call the app for `req`; the returned exchange has its first bytes pending (or is
         aborted).  Never raises."""
-        ex = Exchange(conn, req, now)
+        ex = Exchange(self, conn, req, now)
         environ = ex.environ = self._environ(conn, req)
         if req.body is not None:
             environ["wsgi.input"] = req.body.reader()
@@ -229,31 +252,8 @@ class Adapter:
         conn.client_close = not req.keep_alive
         ex.close = not req.keep_alive or conn.closing or not self.keepalive
 
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
-            if exc_info is not None:
-                try:
-                    if ex.head_sent:
-                        raise exc_info[1].with_traceback(exc_info[2])
-                finally:
-                    exc_info = None
-            elif ex.status is not None:
-                raise AssertionError("start_response called a second time without exc_info")
-            if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit() or status[3] != " ":
-                raise ValueError(f"invalid status {status!r}")
-            ex.status, ex.headers = status, headers
-            return write
-
-        def write(data: bytes) -> None:
-            """The legacy write(): sent at once, waiting for the client if it must."""
-            if ex.status is None:
-                raise AssertionError("write() before start_response()")
-            self._frame(ex, data)
-            pending, ex.pending = ex.pending, EMPTY
-            if pending:
-                send_all(conn.sock, pending, self.write_timeout)
-
         try:
-            result = ex.result = self.app(environ, start_response)
+            result = ex.result = self.app(environ, ex.start_response)
             if type(result) in (list, tuple) and len(result) <= 1 and not ex.head_sent:
                 # The common case: the whole body at once, so it goes with a Content-Length.
                 self._frame(ex, result[0] if result else EMPTY, final=True)
