@@ -54,7 +54,10 @@ def after_fork(keep: Iterable[int], on_term: Handler | None = None) -> None:
     """
     signal.set_wakeup_fd(-1)
     for sig in MASTER_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # not ours to set where we run (the master skipped it too)
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     if on_term is not None:

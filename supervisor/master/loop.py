@@ -78,8 +78,11 @@ class Master:
     # ------------------------------------------------------------------ loop
     def run(self) -> Exit:
         for sig in proc.MASTER_SIGNALS:
-            signal.signal(sig, _wake_only)
-            signal.siginterrupt(sig, False)
+            try:
+                signal.signal(sig, _wake_only)
+                signal.siginterrupt(sig, False)
+            except (OSError, ValueError):
+                pass  # reserved where we run (a debugger, valgrind): it keeps its owner's meaning
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, lambda mask: self._on_signals())
         self.core.start(time.monotonic())

@@ -111,6 +111,16 @@ class Request:
         self.upgrade = False
 
 
+class _Closed:
+    """The parser of a closed connection: whatever still arrives is ignored."""
+
+    def feed_data(self, data: bytes) -> None:
+        pass
+
+
+_CLOSED: Any = _Closed()
+
+
 class Connection:
     """One client socket: parser state and queued requests."""
 
@@ -132,6 +142,7 @@ class Connection:
         # The loop's bookkeeping: what the connection waits for, and until when.
         self.phase = 0
         self.deadline = 0.0
+        self.remote: tuple[str, str] | None = None  # REMOTE_ADDR, REMOTE_PORT (computed once)
         self.nagle = False  # TCP_NODELAY still to be set (before this connection's second write)
         self.wrote = False
         self.exchange: Any = None  # the response in progress (supervisor.worker.wsgi.Exchange)
@@ -156,8 +167,8 @@ class Connection:
     def on_header(self, name: bytes, value: bytes) -> None:
         cur = self._cur
         cur.headers.append((name, value))  # type: ignore[union-attr]
-        cur.head_size += len(name) + len(value) + 4  # type: ignore[union-attr]
-        if cur.head_size > self.limits.headers:  # type: ignore[union-attr]
+        size = cur.head_size = cur.head_size + len(name) + len(value) + 4  # type: ignore[union-attr]
+        if size > self.limits.headers:
             self._fail(431)
 
     def on_headers_complete(self) -> None:
@@ -170,6 +181,9 @@ class Connection:
         cur.upgrade = p.should_upgrade()
         cur.head_complete = True
         for name, value in cur.headers:
+            size = len(name)
+            if size != 14 and size != 17 and size != 6:
+                continue  # not one of the few fields framing depends on (a cheap test first)
             lname = name.lower()
             if lname == b"content-length":
                 try:
@@ -250,9 +264,12 @@ class Connection:
             req.body.close()
 
     def discard(self) -> None:
-        """The connection is closing: free what its queued requests hold."""
+        """The connection is closing: free what its queued requests hold, and the parser (it
+        refers back to the connection: without this, every connection would wait for the
+        cyclic garbage collector)."""
         while self.requests:
             self.drop_request()
+        self.parser = _CLOSED
 
     # ------------------------------------------------------------------ streaming mode
     def read_more(self, timeout: float) -> None:

@@ -22,6 +22,7 @@ import os
 import queue
 import select
 import signal
+import _socket
 import socket
 import struct
 import time
@@ -240,7 +241,9 @@ class WorkerLoop:
             # a connection after the master told us to drain.  A signal sent before accept()
             # returned has been delivered by now (on the syscall's return), so this second look
             # is airtight: such a late connection goes back to the master, for the new generation.
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            # The C socket type, not socket.py's subclass: client sockets need none of its
+            # Python-level extras, and each connection saves their cost.
+            sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             self._on_signals()
             if self.draining:
                 self._hand_off(sock)

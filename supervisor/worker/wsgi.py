@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import threading
 import time
@@ -27,6 +28,8 @@ import httptools
 from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
 
 EMPTY = b""
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
 class StreamInput(io.RawIOBase):
@@ -143,17 +146,88 @@ class _HeaderCache(dict):  # type: ignore[type-arg]
 
 
 class _DateCache:
-    __slots__ = ("second", "value")
+    """The Date header, formatted once per second."""
+
+    __slots__ = ("second", "value", "header")
 
     def __init__(self) -> None:
-        self.second, self.value = 0, ""
+        self.second, self.value, self.header = 0, "", b""
 
     def get(self) -> str:
         now = int(time.time())
         if now != self.second:
             self.second = now
             self.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+            self.header = f"Date: {self.value}\r\n".encode("latin-1")
         return self.value
+
+    def line(self) -> bytes:
+        self.get()
+        return self.header
+
+
+# What the app's response head may contain (RFC 9110 5.1, 5.5; RFC 9112 4): field names are
+# tokens; values and the reason phrase hold no control character but HTAB (so no CR or LF:
+# no response splitting); the status code has three digits.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
+_STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*")
+LENGTH, CONNECTION, DATE = 1, 2, 3
+_KINDS = {"content-length": LENGTH, "connection": CONNECTION, "date": DATE}
+_NOT_FROM_APPS = {"transfer-encoding", "keep-alive", "upgrade", "proxy-connection", "te", "trailer"}
+CACHE_LIMIT = 4096
+
+
+class _Heads:
+    """Validated and encoded pieces of response heads, cached (apps repeat most of them), with
+    a bound on the cache: a header is validated once however often it is sent."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self.statuses: dict[str, tuple[bytes, int]] = {}
+
+    def status(self, status: Any) -> tuple[bytes, int]:
+        hit = self.statuses.get(status) if isinstance(status, str) else None
+        if hit is not None:
+            return hit
+        if not isinstance(status, str) or not _STATUS.fullmatch(status):
+            raise ValueError(f"invalid status line from the app: {status!r}")
+        hit = (f"HTTP/1.1 {status}\r\n".encode("latin-1"), int(status[:3]))
+        if len(self.statuses) >= CACHE_LIMIT:
+            self.statuses.clear()
+        self.statuses[status] = hit
+        return hit
+
+    def line(self, header: Any) -> tuple[bytes, int]:
+        try:
+            name, value = header
+        except (TypeError, ValueError):
+            raise ValueError(f"a response header must be a (name, value) pair, not {header!r}") from None
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ValueError(f"response header {header!r}: name and value must be str")
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid response header name {name!r}")
+        if not _VALUE.fullmatch(value):
+            raise ValueError(f"response header {name!r} has a control character (CR, LF, NUL...) in its value")
+        lname = name.lower()
+        if lname in _NOT_FROM_APPS:
+            raise ValueError(f"the app must not set {name} (hop-by-hop, the server's business)")
+        try:
+            line = f"{name}: {value}\r\n".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"response header {name!r} is not latin-1 (PEP 3333)") from None
+        hit = (line, _KINDS.get(lname, 0))
+        if type(header) is tuple:
+            if len(self.lines) >= CACHE_LIMIT:
+                self.lines.clear()  # bounded: varied values (lengths, dates, cookies) start it over
+            self.lines[header] = hit
+        return hit
+
+
+def _content_length(value: str) -> int:
+    if not value.isdigit() or not value.isascii():
+        raise ValueError(f"invalid Content-Length from the app: {value!r}")
+    return int(value)
 
 
 class Exchange:
@@ -227,6 +301,7 @@ class Adapter:
         self._count_lock = threading.Lock()  # app threads finish requests concurrently
         self._names = _HeaderCache()
         self._date = _DateCache()
+        self._heads = _Heads()
         self._base = {
             "wsgi.version": (1, 0), "wsgi.url_scheme": url_scheme, "wsgi.errors": sys.stderr,
             "wsgi.multithread": threads > 1, "wsgi.multiprocess": True, "wsgi.run_once": False,
@@ -367,16 +442,17 @@ class Adapter:
             if b"%" in raw_path:
                 raw_path = unquote_to_bytes(raw_path)
             path = raw_path.decode("latin-1")
-        environ["REQUEST_METHOD"] = req.method.decode("latin-1")
+        method = req.method
+        environ["REQUEST_METHOD"] = _METHODS.get(method) or method.decode("latin-1")
         environ["PATH_INFO"] = path
         environ["QUERY_STRING"] = query
         environ["RAW_URI"] = environ["REQUEST_URI"] = raw_uri
-        environ["SERVER_PROTOCOL"] = "HTTP/" + req.version
-        peer = conn.peer
-        if isinstance(peer, tuple):
-            environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = peer[0], str(peer[1])
-        else:
-            environ["REMOTE_ADDR"] = ""
+        environ["SERVER_PROTOCOL"] = _PROTOCOLS.get(req.version) or "HTTP/" + req.version
+        remote = conn.remote
+        if remote is None:
+            peer = conn.peer
+            remote = conn.remote = (peer[0], str(peer[1])) if isinstance(peer, tuple) else ("", "")
+        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = remote
         names = self._names
         for name, value in req.headers:
             key = names[name]
@@ -391,41 +467,42 @@ class Adapter:
 
     # ------------------------------------------------------------------ responses
     def _head_bytes(self, ex: Exchange, body_len: int | None) -> bytes:
+        """The response head, from what the app gave start_response (validated: a bad status
+        line or header is the app's error, answered with a 500, never sent)."""
         if ex.status is None:
             raise AssertionError("the app returned without calling start_response()")
-        status = ex.status
+        heads = self._heads
+        status_line, code = heads.status(ex.status)
         req = ex.req
-        code = int(status[:3])
         no_body = code < 200 or code in (204, 304)
-        lines = [f"HTTP/1.1 {status}\r\n"]
+        lines = [status_line]
         has_length = has_conn = has_date = False
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname == "content-length":
-                has_length = True
-                try:
-                    ex.length = int(value)
-                    if ex.length < 0:
-                        raise ValueError
-                except ValueError:
-                    raise ValueError(f"invalid Content-Length {value!r}") from None
-            elif lname == "connection":
-                has_conn = True
-                if value.lower() == "close":
-                    ex.close = True
-            elif lname == "date":
-                has_date = True
-            elif lname == "transfer-encoding":
-                raise ValueError("the app must not set Transfer-Encoding (hop-by-hop)")
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"header {name!r} contains a line break")
-            lines.append(f"{name}: {value}\r\n")
+        cache = heads.lines
+        for header in ex.headers:
+            try:
+                hit = cache.get(header)
+            except TypeError:  # a list instead of a tuple
+                hit = None
+            if hit is None:
+                hit = heads.line(header)
+            line, kind = hit
+            lines.append(line)
+            if kind:
+                if kind == LENGTH:
+                    has_length = True
+                    ex.length = _content_length(header[1])
+                elif kind == CONNECTION:
+                    has_conn = True
+                    if header[1].lower() == "close":
+                        ex.close = True
+                else:
+                    has_date = True
         if not has_length and not no_body:
             if body_len is not None:
-                lines.append(f"Content-Length: {body_len}\r\n")
+                lines.append(b"Content-Length: %d\r\n" % body_len)
                 ex.length = body_len
             elif req.version == "1.1" and not ex.head_only:
-                lines.append("Transfer-Encoding: chunked\r\n")
+                lines.append(b"Transfer-Encoding: chunked\r\n")
                 ex.chunked = True
             elif not ex.head_only:
                 ex.close = True  # HTTP/1.0 without a length: the end of the body is the close
@@ -434,16 +511,16 @@ class Adapter:
         if not req.complete:
             ex.close = True  # the app answered before reading the whole body: it stays unread
         if not has_date:
-            lines.append(f"Date: {self._date.get()}\r\n")
+            lines.append(self._date.line())
         if not ex.close and self.is_draining():
             ex.close = True  # the worker began draining while this request ran: last response
         if not has_conn:
             if ex.close:
-                lines.append("Connection: close\r\n")
+                lines.append(b"Connection: close\r\n")
             elif req.version == "1.0":
-                lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+                lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def _frame(self, ex: Exchange, data: bytes, final: bool = False) -> None:
         """Append `data` (a piece of the body) to `ex.pending`, with the head before the first
