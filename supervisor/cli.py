@@ -80,6 +80,10 @@ def _run(config: Config, log: Any) -> int:
                     consul_drain_delay=config.consul_drain_delay if config.consul else None,
                     why="docker stop sends SIGKILL after 10 s by default; drains may be cut short "
                         "(lower --graceful-timeout or raise `docker stop --time`)")
+    if "*" in config.forwarded_allow_ips:
+        log.warning("every_peer_trusted", setting="--forwarded-allow-ips *",
+                    why="any client can then set REMOTE_ADDR, the scheme and the host with forwarding headers; "
+                        "list the proxies' addresses instead")
     listeners, advertise_port = _bind_all(config, log)
     health = None
     health_url = None

@@ -116,6 +116,19 @@ def key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_network(text: str) -> str:
+    """An IP address, a CIDR network, or * (every peer)."""
+    import ipaddress
+
+    text = text.strip()
+    if text != "*":
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address, a CIDR network or *") from None
+    return text
+
+
 def text_value(text: str) -> str:
     return text
 
@@ -292,9 +305,29 @@ class Config:
     limit_request_headers: int = setting(
         size, 65536, "Largest request head (request line and headers) in bytes; larger gets 431.", "Server",
         metavar="SIZE")
+    limit_request_fields: int = setting(
+        positive_int, 100, "Most header fields in a request; more gets 431.", "Server", metavar="N")
+    limit_request_field_size: int = setting(
+        positive_int, 8190, "Largest header field (name and value) in bytes; larger gets 431.", "Server",
+        metavar="BYTES")
+    limit_request_trailer: int = setting(
+        size, 8192, "Largest trailer after a chunked request body; larger gets 431.", "Server", metavar="SIZE")
     limit_request_body: int = setting(
         size, 100 * 1024 * 1024, "Largest request body; larger gets 413. 0 means no limit.", "Server",
         metavar="SIZE", default_doc="100M")
+    forwarded_allow_ips: tuple[str, ...] = setting(
+        parse_network, ("127.0.0.1", "::1"),
+        "Peers trusted as proxies (repeatable; IPs or CIDRs, `*` for every peer, which is logged as a "
+        "warning). From them only, Forwarded (RFC 7239) or X-Forwarded-For/-Proto/-Host set REMOTE_ADDR "
+        "(the right-most address that is not itself trusted), wsgi.url_scheme and HTTP_HOST, and the "
+        "PROXY protocol header is read.", "Proxies", multiple=True, metavar="CIDR",
+        env=("SUPERVISE_FORWARDED_ALLOW_IPS", "FORWARDED_ALLOW_IPS"))
+    proxy_protocol: str = setting(
+        choice("off", "v1", "v2", "auto"), "off",
+        "PROXY protocol (HAProxy send-proxy, AWS NLB): v1, v2 or auto (either, or none) before the "
+        "request on connections from trusted peers; with v1 or v2 it is required from them (a missing or "
+        "malformed header closes the connection). REMOTE_ADDR and REMOTE_PORT come from it.", "Proxies",
+        metavar="MODE")
     access_log: bool = setting(boolean, False, "Log one `request` event per request.", "Logging",
                                switch=True)
     log_level: str = setting(choice("debug", "info", "warning", "error"), "info", "Lowest level logged.",

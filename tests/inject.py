@@ -188,6 +188,30 @@ def idle_no_peek() -> None:
     WorkerLoop._idle_expired = lambda self, conn, now: self._linger(conn, now)  # type: ignore[method-assign]
 
 
+def unsolicited_response() -> None:
+    """The HTTP fuzz test's negative control: an error answered with a 200 and then the error
+    (three responses for two requests, the trailer bug of old)."""
+    from supervisor.worker.wsgi import Adapter
+
+    error_bytes = Adapter.error_bytes
+
+    def twice(self: Adapter, code: int) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" + error_bytes(self, code)
+
+    Adapter.error_bytes = twice  # type: ignore[method-assign]
+
+
+def no_response_validation() -> None:
+    """The response-splitting negative control: the app's header lines go out as they are."""
+    from supervisor.worker import wsgi
+
+    def as_is(self: Any, header: Any) -> tuple[bytes, int]:
+        name, value = header
+        return f"{name}: {value}\r\n".encode("latin-1"), wsgi._KINDS.get(name.lower(), 0)
+
+    wsgi._Heads.line = as_is  # type: ignore[method-assign]
+
+
 def _take(path: Path) -> bool:
     try:
         path.unlink()
@@ -210,6 +234,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "no-pause-grace": no_pause_grace,
     "default-signals": default_signals,
     "idle-no-peek": idle_no_peek,
+    "unsolicited-response": unsolicited_response,
+    "no-response-validation": no_response_validation,
 }
 
 

@@ -850,7 +850,7 @@ def _rss(pid: int) -> int:
 
 
 def test_made_up_header_names_do_not_grow_the_worker(supervise):
-    sv = start(supervise)
+    sv = start(supervise, "--limit-request-fields", "1000")
     pid = worker_pid(sv.port)
     before = _rss(pid)
     with Client(sv.port) as c:
@@ -861,3 +861,41 @@ def test_made_up_header_names_do_not_grow_the_worker(supervise):
     growth = _rss(pid) - before
     assert growth < 10_000_000, f"worker grew {growth / 1e6:.1f} MB"  # ~30 MB with an unbounded cache
     assert_no_app_errors(sv)
+
+
+# --------------------------------------------------------------------------- what the app hands the server
+
+
+BAD_RESPONSES = ["split-status", "crlf-value", "lf-name", "space-name", "nul-value", "not-latin1", "bad-code",
+                 "str-body"]
+
+
+@pytest.mark.parametrize("kind", BAD_RESPONSES)
+def test_an_invalid_response_from_the_app_is_a_500_never_sent(supervise, kind):
+    sv = start(supervise)
+    with Client(sv.port) as c:
+        c.request("GET", f"/raw/badresponse?kind={kind}")
+        raw = c.read_to_eof()
+    assert raw.startswith(b"HTTP/1.1 500 "), raw[:300]
+    assert b"evil" not in raw and b"fine" not in raw
+    event = sv.wait_for("app_exception", path="/raw/badresponse")
+    assert "Error" in event["traceback"]
+    if kind == "str-body":
+        assert "not bytes" in event["traceback"]
+
+
+def test_a_str_after_the_head_went_out_drops_the_connection_with_a_log_line(supervise):
+    sv = start(supervise)
+    with Client(sv.port) as c:
+        c.request("GET", "/raw/badresponse?kind=str-later")
+        raw = c.read_to_eof()
+    assert raw.startswith(b"HTTP/1.1 200 ") and not raw.endswith(b"0\r\n\r\n"), "a cut body never looks complete"
+    assert "str" in sv.wait_for("app_exception", path="/raw/badresponse")["traceback"]
+
+
+def test_negative_control_without_validation_the_split_header_goes_out(supervise):
+    sv = supervise("wsgi_features", "--workers", "1", "--chdir", str(APPS), "--no-watch",
+                   inject=["no-response-validation"]).ready()
+    with Client(sv.port) as c:
+        c.request("GET", "/raw/badresponse?kind=crlf-value")
+        assert b"\r\nSet-Cookie: evil=1\r\n" in c.read_until(b"\r\n\r\n")

@@ -137,9 +137,11 @@ class Master:
             request_buffering=config.request_buffering, body_spool_size=config.body_spool_size,
             worker_connections=config.worker_connections,
             limits=RequestLimits(config.limit_request_line, config.limit_request_headers,
-                                 config.limit_request_body),
+                                 config.limit_request_body, config.limit_request_fields,
+                                 config.limit_request_field_size, config.limit_request_trailer),
             access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
-            master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout)
+            master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
+            forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol)
         parent, child = channels.pair()
         try:
             pid = os.fork()

@@ -13,6 +13,7 @@ Nothing here writes to the socket: responses are the loop's and the WSGI adapter
 from __future__ import annotations
 
 import io
+import re
 import select
 import socket
 import tempfile
@@ -24,11 +25,30 @@ import httptools
 from supervisor.worker.spec import RequestLimits
 
 RECV_SIZE = 65536
+_OWS = (b" ", b"\t")
+_VERSION_LINE = re.compile(rb"^[^\r\n]* HTTP/([0-9])\.[0-9]\r?\n")
+_VERSIONS = ("1.1", "1.0")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Fields a request may carry once only (RFC 9110): repeated with different values, the
+# request is ambiguous (which one would an intermediary have used?), a smuggling vector.
+SINGLETONS = frozenset((b"host", b"content-length", b"content-type", b"authorization", b"proxy-authorization",
+                        b"if-modified-since", b"if-unmodified-since", b"if-range", b"max-forwards", b"range",
+                        b"referer", b"from", b"user-agent", b"content-location", b"content-range", b"expect",
+                        b"x-forwarded-host", b"x-forwarded-proto"))
+# Fields a trailer must not carry (RFC 9110 6.5.1): framing, routing, request modifiers,
+# authentication, caching and how to process the content.
+FORBIDDEN_TRAILERS = frozenset((b"transfer-encoding", b"content-length", b"host", b"content-type",
+                                b"content-encoding", b"content-range", b"trailer", b"te", b"expect", b"range",
+                                b"authorization", b"proxy-authorization", b"cookie", b"set-cookie",
+                                b"cache-control", b"max-forwards", b"if-match", b"if-none-match",
+                                b"if-modified-since", b"if-unmodified-since", b"if-range", b"connection",
+                                b"keep-alive", b"upgrade", b"forwarded", b"x-forwarded-for",
+                                b"x-forwarded-proto", b"x-forwarded-host"))
 
 REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
-    503: "Service Unavailable",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
 
 
@@ -89,7 +109,7 @@ class BodyBuffer:
 class Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "head_complete", "complete",
                  "body", "stream", "received", "head_size", "raw_head", "expect_continue", "continue_sent",
-                 "content_length", "chunked", "upgrade")
+                 "content_length", "chunked", "upgrade", "trailers", "trailer_size")
 
     def __init__(self) -> None:
         self.url = b""
@@ -109,6 +129,8 @@ class Request:
         self.content_length: int | None = None
         self.chunked = False
         self.upgrade = False
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # fields after a chunked body
+        self.trailer_size = 0
 
 
 class _Closed:
@@ -135,7 +157,9 @@ class Connection:
         self.parser = httptools.HttpRequestParser(self)
         self.requests: deque[Request] = deque()
         self.error: int | None = None  # status to answer with, set by parser callbacks
+        self.why = ""  # the reason for `error`, for the log
         self.failed: Request | None = None  # the request `error` belongs to (those before it are fine)
+        self.extension_method: bytes | None = None  # see _retry_extension_method
         self.closing = False  # no more requests will be read (Connection: close sent or due)
         self.client_close = False  # the client itself asked to close after its request
         self.eof = False
@@ -143,15 +167,17 @@ class Connection:
         self.phase = 0
         self.deadline = 0.0
         self.remote: tuple[str, str] | None = None  # REMOTE_ADDR, REMOTE_PORT (computed once)
+        self.trusted = False  # the peer is a trusted proxy (--forwarded-allow-ips)
+        self.proxy_buf = b""  # a PROXY protocol header, while it arrives
         self.nagle = False  # TCP_NODELAY still to be set (before this connection's second write)
         self.wrote = False
         self.exchange: Any = None  # the response in progress (supervisor.worker.wsgi.Exchange)
         self._cur: Request | None = None
 
-    def _fail(self, code: int) -> None:
+    def _fail(self, code: int, why: str) -> None:
         """Record a protocol error (the first one wins) and the request it belongs to."""
         if self.error is None:
-            self.error, self.failed = code, self._cur
+            self.error, self.why, self.failed = code, why, self._cur
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -162,43 +188,98 @@ class Connection:
         cur = self._cur
         cur.url += url  # type: ignore[union-attr]
         if len(cur.url) > self.limits.request_line:  # type: ignore[union-attr]
-            self._fail(414)
+            self._fail(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         cur = self._cur
-        cur.headers.append((name, value))  # type: ignore[union-attr]
-        size = cur.head_size = cur.head_size + len(name) + len(value) + 4  # type: ignore[union-attr]
-        if size > self.limits.headers:
-            self._fail(431)
+        assert cur is not None
+        if value[-1:] in _OWS:
+            value = value.rstrip(b" \t")  # RFC 9112 5: whitespace around a value is not part of it
+        size = len(name) + len(value)
+        if cur.head_complete:  # a trailer field, after a chunked body
+            self._trailer(cur, name, value, size)
+            return
+        headers = cur.headers
+        headers.append((name, value))
+        total = cur.head_size = cur.head_size + size + 4
+        limits = self.limits
+        if total > limits.headers or size > limits.field_size or len(headers) > limits.fields:
+            self._fail(431, "request head, a field or the number of fields over its limit")
+
+    def _trailer(self, cur: Request, name: bytes, value: bytes, size: int) -> None:
+        cur.trailer_size += size + 4
+        if cur.trailer_size > self.limits.trailer:
+            self._fail(431, "trailer over its limit")
+        elif name.lower() in FORBIDDEN_TRAILERS:
+            # RFC 9110 6.5.1: framing, routing, authentication and the like never come late.
+            self._fail(400, f"{name.decode('latin-1')} is not allowed in a trailer")
+        else:
+            if cur.trailers is None:
+                cur.trailers = []
+            cur.trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         cur = self._cur
         assert cur is not None
         p = self.parser
-        cur.method = p.get_method()
-        cur.version = p.get_http_version()
+        cur.method = p.get_method() if self.extension_method is None else self.extension_method
+        self.extension_method = None
+        version = cur.version = p.get_http_version()
         cur.keep_alive = p.should_keep_alive()
         cur.upgrade = p.should_upgrade()
         cur.head_complete = True
-        for name, value in cur.headers:
-            size = len(name)
+        names = [name.lower() for name, _ in cur.headers]
+        for lname, (name, value) in zip(names, cur.headers):
+            size = len(lname)
             if size != 14 and size != 17 and size != 6:
                 continue  # not one of the few fields framing depends on (a cheap test first)
-            lname = name.lower()
             if lname == b"content-length":
-                try:
-                    cur.content_length = int(value)
-                except ValueError:
-                    self._fail(400)
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
-                cur.chunked = True
-            elif lname == b"expect" and value.lower() == b"100-continue" and cur.version != "1.0":
+                cur.content_length = int(value)  # httptools checked the digits
+            elif lname == b"transfer-encoding":
+                self._transfer_coding(cur, value)
+            elif lname == b"expect" and value.lower() == b"100-continue" and version != "1.0":
                 cur.expect_continue = True  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
+        self._check_head(cur, version, names)
         limit = self.limits.body
         if limit and cur.content_length is not None and cur.content_length > limit:
-            self._fail(413)
+            self._fail(413, "request body over --limit-request-body")
         if self.buffered and (cur.chunked or cur.content_length):
             cur.body = BodyBuffer(self.spool)
+
+    def _transfer_coding(self, cur: Request, value: bytes) -> None:
+        """httptools accepts only codings that end with chunked (RFC 9112 6.3); we decode none
+        of the others: 501 for them (RFC 9112 6.1), and chunked means nothing in HTTP/1.0."""
+        codings = [c.strip() for c in value.lower().split(b",")]
+        if cur.version == "1.0":
+            self._fail(400, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)")
+            self.closing = True
+        elif codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+            self._fail(400, "chunked must be the final transfer coding, once (RFC 9112 6.3, 7.1)")
+        elif all(c in (b"chunked", b"identity") for c in codings):
+            cur.chunked = True
+        else:
+            self._fail(501, f"transfer coding not implemented: {value.decode('latin-1')}")
+
+    def _check_head(self, cur: Request, version: str, names: list[bytes]) -> None:
+        """What httptools lets through and RFC 9110/9112 does not."""
+        if version not in _VERSIONS:
+            if version == "0.9":
+                self._fail(400, "HTTP/0.9 request (no HTTP-version)")
+            else:
+                self._fail(505, f"HTTP/{version} not supported")
+            self.closing = True
+            return
+        if cur.url == b"*" and cur.method != b"OPTIONS":
+            self._fail(400, "asterisk-form request target is for OPTIONS only (RFC 9112 3.2.4)")
+        hosts = names.count(b"host")
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._fail(400, "an HTTP/1.1 request needs exactly one Host (RFC 9112 3.2)")
+        if len(set(names)) < len(names):
+            seen: dict[bytes, bytes] = {}
+            for lname, (_, value) in zip(names, cur.headers):
+                if lname in SINGLETONS and seen.setdefault(lname, value) != value:
+                    self._fail(400, f"{lname.decode('latin-1')} repeated with different values")
+                    break
 
     def on_body(self, body: bytes) -> None:
         cur = self._cur
@@ -209,13 +290,13 @@ class Connection:
             return
         limit = self.limits.body
         if limit and cur.received > limit:
-            self._fail(413)
+            self._fail(413, "request body over --limit-request-body")
             return
         if cur.body is not None and self.error is None:
             try:
                 cur.body.append(body)
             except OSError:
-                self._fail(503)  # no room for the body (disk or descriptors): try again later
+                self._fail(503, "no room to buffer the request body")  # disk or descriptors: later
 
     def on_message_complete(self) -> None:
         if self._cur is not None:
@@ -225,17 +306,39 @@ class Connection:
     # ------------------------------------------------------------------ feeding
     def feed(self, data: bytes) -> None:
         """Parse bytes that arrived.  Sets `error` on a protocol error."""
+        fresh, queued = self._cur is None, len(self.requests)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.closing = True  # served as a plain request, then closed: WSGI has no upgrades
-        except httptools.HttpParserError:
-            self._fail(400)
+        except httptools.HttpParserInvalidMethodError as exc:
+            if not (fresh and len(self.requests) == queued + 1 and self._retry_extension_method(data)):
+                self._fail(400, str(exc))
+        except httptools.HttpParserError as exc:
+            # A well-formed HTTP-version of a major version we do not speak is a 505, not a 400.
+            major = _VERSION_LINE.search(data[:self.limits.request_line + 16])
+            self._fail(505 if major and int(major.group(1)) >= 2 else 400, str(exc))
         cur = self._cur
         if cur is not None and not cur.head_complete and self.error is None:
             cur.raw_head += len(data)
             if cur.raw_head > self.limits.headers + self.limits.request_line:
-                self._fail(431)
+                self._fail(431, "request head over its limit")
+
+    def _retry_extension_method(self, data: bytes) -> bool:
+        """httptools knows the registered methods only; RFC 9110 9.1 allows any token.  When
+        the request that failed began with this data, parse it again with a registered method
+        in its place and keep the real one.  (One later in a pipeline of requests sent together
+        still gets a 400.)"""
+        start = len(data) - len(data.lstrip(b"\r\n"))
+        method, sp, rest = data[start:].partition(b" ")
+        if not sp or not _TOKEN.fullmatch(method):
+            return False
+        self.requests.pop()  # the failed start of this request
+        self._cur = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.extension_method = method
+        self.feed(b"POST " + rest)  # POST: no meaning of its own to the parser
+        return True
 
     def next_ready(self) -> Request | None:
         """The first queued request, if it can go to the app now: complete (buffered mode) or

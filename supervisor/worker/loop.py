@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from supervisor import proto
 from supervisor.channel import Channel
+from supervisor.worker import forwarded
 from supervisor.worker.http import Connection, Request
 from supervisor.worker.spec import WorkerSpec
 from supervisor.worker.wsgi import Adapter, Exchange
@@ -44,11 +45,12 @@ LINGER = 2.0  # how long a closing connection keeps reading so the client never 
 ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 1.0  # back-off after accept() failed (out of descriptors)
 ACCEPT_LOG_INTERVAL = 2.0  # at most one accept_failed line per interval, with a count
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+REJECT_LOG_BURST, REJECT_LOG_INTERVAL = 20, 10.0  # request_rejected lines: a burst, then per interval
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 # conn.phase
-IDLE, HEAD, BODY, APP, WRITE, LINGERING = range(6)
-PHASE_NAMES = {HEAD: "head", BODY: "body", WRITE: "write"}
+IDLE, HEAD, BODY, APP, WRITE, LINGERING, PROXY = range(7)
+PHASE_NAMES = {HEAD: "head", BODY: "body", WRITE: "write", PROXY: "proxy header"}
 # what a pump of the response ended with
 WAITING, KEEP, CLOSED = range(3)
 
@@ -77,8 +79,10 @@ class WorkerLoop:
         self.accept_failures = 0
         self.accept_logged_at = float("-inf")
         self.started = 0  # requests handed to the app
+        self.rejects_logged_at, self.rejects_logged, self.rejects_unlogged = float("-inf"), 0, 0
         self.term_arrived = False
         signal.signal(signal.SIGTERM, self._term_arrived)
+        self.trust = forwarded.Trust(spec.forwarded_allow_ips)
         first = listeners[0].getsockname() if listeners else ("", 0)
         is_inet = isinstance(first, tuple)
         self.adapter = Adapter(
@@ -87,7 +91,7 @@ class WorkerLoop:
             access_log=log.info if spec.access_log else None, log_error=log.error,
             is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
             keepalive=spec.keepalive_timeout > 0, write_timeout=spec.write_timeout,
-            body_timeout=spec.body_timeout)
+            body_timeout=spec.body_timeout, trust=self.trust)
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
@@ -290,7 +294,11 @@ class WorkerLoop:
         spec = self.spec
         conn = Connection(sock, peer, spec.limits, spec.request_buffering, spec.body_spool_size)
         conn.nagle = tcp  # TCP_NODELAY is set before a second write: a single one needs none
-        conn.phase, conn.deadline = IDLE, time.monotonic() + self.idle_timeout
+        conn.trusted = self.trust(peer[0]) if isinstance(peer, tuple) else True  # a unix socket is local
+        if conn.trusted and spec.proxy_protocol != "off":
+            conn.phase, conn.deadline = PROXY, time.monotonic() + spec.header_timeout
+        else:
+            conn.phase, conn.deadline = IDLE, time.monotonic() + self.idle_timeout
         self.conns[conn.fd] = conn
         self._read(conn)  # the request is usually there already
         if len(self.conns) >= spec.worker_connections:
@@ -319,16 +327,57 @@ class WorkerLoop:
             conn.eof = True
             self._close(conn)  # nothing in flight: a half-sent request is of no use now
             return
+        if conn.phase == PROXY:
+            data = self._proxy_header(conn, data)
+            if not data:
+                return
         if conn.phase == IDLE:
             conn.phase, conn.deadline = HEAD, time.monotonic() + self.spec.header_timeout
         conn.feed(data)
         self._advance(conn)
 
+    def _proxy_header(self, conn: Connection, data: bytes) -> bytes:
+        """The PROXY protocol header a trusted proxy sends first: the client's address.  Returns
+        what follows it (the request), b"" while the header is not whole (or the connection
+        was dropped for a malformed or missing one)."""
+        buf = conn.proxy_buf + data
+        mode = self.spec.proxy_protocol
+        if mode == "auto":
+            ahead = forwarded.proxy_header_ahead(buf)
+            if ahead is None:
+                conn.proxy_buf = buf
+                self._watch(conn, EPOLLIN)
+                return b""
+            if not ahead:  # a trusted peer may also speak plain HTTP in auto mode
+                conn.phase, conn.proxy_buf = IDLE, b""
+                return buf
+        try:
+            got = forwarded.read_proxy_header(mode, buf)
+        except ValueError as exc:
+            self.log.warning("proxy_protocol_error", error=str(exc), client=_client(conn.peer))
+            self._close(conn)
+            return b""
+        if got is None:
+            conn.proxy_buf = buf
+            self._watch(conn, EPOLLIN)
+            return b""
+        result, taken = got
+        client = forwarded.client_address(result)
+        if client is not None:
+            conn.peer, conn.remote = client, None
+            conn.trusted = self.trust(client[0])  # forwarding headers are the client's own now
+        conn.phase, conn.proxy_buf = IDLE, b""
+        conn.deadline = time.monotonic() + self.idle_timeout
+        rest = buf[taken:]
+        if not rest:
+            self._await_request(conn)
+        return rest
+
     def _advance(self, conn: Connection) -> None:
         """Serve what has been parsed, then wait for what comes next (nothing is in flight)."""
         while True:
             if conn.failed_now():
-                self._reject(conn, conn.error or 400, "malformed request")
+                self._reject(conn, conn.error or 400, conn.why)
                 return
             req = conn.next_ready()
             if req is None:
@@ -485,8 +534,18 @@ class WorkerLoop:
             conn.sock.send(self.adapter.error_bytes(code))  # small, into an empty buffer
         except OSError:
             pass
-        self.log.info("request_rejected", status=code, why=why, client=_client(conn.peer))
-        self._linger(conn, time.monotonic())
+        now = time.monotonic()
+        if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL or self.rejects_logged < REJECT_LOG_BURST:
+            if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL:
+                self.rejects_logged_at, self.rejects_logged = now, 0
+            self.rejects_logged += 1
+            fields: dict[str, Any] = {}
+            if self.rejects_unlogged:
+                fields["not_logged"], self.rejects_unlogged = self.rejects_unlogged, 0
+            self.log.info("request_rejected", status=code, why=why, client=_client(conn.peer), **fields)
+        else:
+            self.rejects_unlogged += 1  # a flood of bad requests must not flood the log
+        self._linger(conn, now)
 
     def _finish(self, conn: Connection) -> None:
         """The server is done with this connection."""
@@ -539,6 +598,10 @@ class WorkerLoop:
                 due = min(due, conn.deadline)
             elif phase == IDLE:
                 self._idle_expired(conn, now)
+            elif phase == PROXY:
+                self.log.warning("proxy_protocol_error", error="no PROXY protocol header in time",
+                                 client=_client(conn.peer))
+                self._close(conn)
             elif phase == LINGERING:
                 self._close(conn)
             else:

@@ -9,8 +9,11 @@ from typing import Mapping
 @dataclass(frozen=True)
 class RequestLimits:
     request_line: int
-    headers: int
+    headers: int  # the whole head
     body: int  # 0: unlimited
+    fields: int = 100  # header fields
+    field_size: int = 8190  # one field, name and value
+    trailer: int = 8192  # the trailer after a chunked body
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,5 @@ class WorkerSpec:
     master_pid: int
     lifeline_fd: int  # read end of the master's lifeline: EOF when the master is gone
     graceful_timeout: float
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    proxy_protocol: str = "off"

@@ -25,6 +25,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from supervisor.worker import forwarded
 from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
 
 EMPTY = b""
@@ -288,7 +289,7 @@ class Adapter:
     def __init__(self, app: Callable, *, server_name: str, server_port: str, url_scheme: str, threads: int,
                  access_log: Callable[..., None] | None, log_error: Callable[..., None],
                  is_draining: Callable[[], bool], keepalive: bool, write_timeout: float,
-                 body_timeout: float) -> None:
+                 body_timeout: float, trust: forwarded.Trust | None = None) -> None:
         self.app = app
         self.access_log = access_log
         self.log_error = log_error
@@ -296,6 +297,7 @@ class Adapter:
         self.keepalive = keepalive
         self.write_timeout = write_timeout
         self.body_timeout = body_timeout
+        self.trust = trust
         self.pull_inline = threads == 1
         self.requests = 0
         self._count_lock = threading.Lock()  # app threads finish requests concurrently
@@ -314,10 +316,19 @@ class Adapter:
         """Call the app for `req`; the returned exchange has its first bytes pending (or is
         aborted).  Never raises."""
         ex = Exchange(self, conn, req, now)
-        environ = ex.environ = self._environ(conn, req)
+        try:
+            environ = ex.environ = self._environ(conn, req)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must cost one request, not the worker
+            self.log_error("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            ex.environ = {"PATH_INFO": ""}
+            self._failed(ex, exc)
+            return ex
         if req.body is not None:
             environ["wsgi.input"] = req.body.reader()
             environ["CONTENT_LENGTH"] = str(req.body.size)  # also for a chunked body: it is whole
+            if req.trailers:  # PEP 3333 has no place for them: a server-specific key
+                environ["supervise.trailers"] = [(n.decode("latin-1"), v.decode("latin-1"))
+                                                 for n, v in req.trailers]
         elif conn.buffered:
             environ["wsgi.input"] = io.BytesIO()
         else:
@@ -463,6 +474,10 @@ class Adapter:
                 environ[key] += "," + text  # RFC 9110: repeated fields combine with commas
             else:
                 environ[key] = text
+        if conn.trusted and self.trust is not None and (
+                "HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_FOR" in environ
+                or "HTTP_X_FORWARDED_PROTO" in environ or "HTTP_X_FORWARDED_HOST" in environ):
+            forwarded.apply(environ, self.trust)
         return environ
 
     # ------------------------------------------------------------------ responses

@@ -237,6 +237,30 @@ def app(environ, start_response):
         data = environ["wsgi.input"].read(1 << 20)
         return [b"got %d" % len(data)]
 
+    if path == "/badresponse":  # (as /raw/badresponse) what a buggy app may hand the server
+        kind = q["kind"]
+        status, headers, body = "200 OK", [("Content-Type", "text/plain")], [b"fine"]
+        if kind == "split-status":
+            status = "200 OK\r\nSet-Cookie: evil=1"
+        elif kind == "crlf-value":
+            headers.append(("X-Note", "a\r\nSet-Cookie: evil=1"))
+        elif kind == "lf-name":
+            headers.append(("X-Bad\nSet-Cookie", "evil=1"))
+        elif kind == "space-name":
+            headers.append(("X Bad", "v"))
+        elif kind == "nul-value":
+            headers.append(("X-Bad", "a\x00b"))
+        elif kind == "not-latin1":
+            headers.append(("X-Bad", "\u2603"))
+        elif kind == "bad-code":
+            status = "20 OK"
+        elif kind == "str-body":
+            body = ["text, not bytes"]
+        elif kind == "str-later":
+            body = [b"first", "second"]
+        start_response(status, headers)
+        return body
+
     if path == "/barrier":  # answers only when `n` requests are inside the app at the same time
         n = int(q["n"])
         with LOCK:
