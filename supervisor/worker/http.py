@@ -29,12 +29,6 @@ _OWS = (b" ", b"\t")
 _VERSION_LINE = re.compile(rb"^[^\r\n]* HTTP/([0-9])\.[0-9]\r?\n")
 _VERSIONS = ("1.1", "1.0")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Fields a request may carry once only (RFC 9110): repeated with different values, the
-# request is ambiguous (which one would an intermediary have used?), a smuggling vector.
-SINGLETONS = frozenset((b"host", b"content-length", b"content-type", b"authorization", b"proxy-authorization",
-                        b"if-modified-since", b"if-unmodified-since", b"if-range", b"max-forwards", b"range",
-                        b"referer", b"from", b"user-agent", b"content-location", b"content-range", b"expect",
-                        b"x-forwarded-host", b"x-forwarded-proto"))
 # Fields a trailer must not carry (RFC 9110 6.5.1): framing, routing, request modifiers,
 # authentication, caching and how to process the content.
 FORBIDDEN_TRAILERS = frozenset((b"transfer-encoding", b"content-length", b"host", b"content-type",
@@ -107,30 +101,29 @@ class BodyBuffer:
 
 
 class Request:
-    __slots__ = ("url", "headers", "method", "version", "keep_alive", "head_complete", "complete",
-                 "body", "stream", "received", "head_size", "raw_head", "expect_continue", "continue_sent",
-                 "content_length", "chunked", "upgrade", "trailers", "trailer_size")
+    """One parsed request.  Class attributes are the defaults: a plain GET sets only what it
+    has, which keeps the per-request cost down."""
+
+    url = b""
+    method = b"GET"
+    version = "1.1"
+    keep_alive = True
+    head_complete = False
+    complete = False
+    body: BodyBuffer | None = None  # buffered mode
+    stream: deque[bytes] | None = None  # streaming mode: body pieces not read by the app yet
+    received = 0
+    head_size = 0
+    raw_head = 0
+    expect_continue = False
+    continue_sent = False
+    content_length: int | None = None
+    chunked = False
+    trailers: list[tuple[bytes, bytes]] | None = None  # fields after a chunked body
+    trailer_size = 0
 
     def __init__(self) -> None:
-        self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.method = b"GET"
-        self.version = "1.1"
-        self.keep_alive = True
-        self.head_complete = False
-        self.complete = False
-        self.body: BodyBuffer | None = None  # buffered mode
-        self.stream: deque[bytes] = deque()  # streaming mode: body pieces not read by the app yet
-        self.received = 0
-        self.head_size = 0
-        self.raw_head = 0
-        self.expect_continue = False
-        self.continue_sent = False
-        self.content_length: int | None = None
-        self.chunked = False
-        self.upgrade = False
-        self.trailers: list[tuple[bytes, bytes]] | None = None  # fields after a chunked body
-        self.trailer_size = 0
 
 
 class _Closed:
@@ -152,6 +145,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.limits = limits
+        self.head_limit = limits.headers
         self.buffered = buffered
         self.spool = spool
         self.parser = httptools.HttpRequestParser(self)
@@ -167,7 +161,7 @@ class Connection:
         self.phase = 0
         self.deadline = 0.0
         self.remote: tuple[str, str] | None = None  # REMOTE_ADDR, REMOTE_PORT (computed once)
-        self.trusted = False  # the peer is a trusted proxy (--forwarded-allow-ips)
+        self.trusted: bool | None = None  # the peer is a trusted proxy (None: not looked up yet)
         self.proxy_buf = b""  # a PROXY protocol header, while it arrives
         self.nagle = False  # TCP_NODELAY still to be set (before this connection's second write)
         self.wrote = False
@@ -191,23 +185,19 @@ class Connection:
             self._fail(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        cur = self._cur
-        assert cur is not None
-        if value[-1:] in _OWS:
+        cur: Request = self._cur  # type: ignore[assignment]
+        if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # RFC 9112 5: whitespace around a value is not part of it
-        size = len(name) + len(value)
         if cur.head_complete:  # a trailer field, after a chunked body
-            self._trailer(cur, name, value, size)
+            self._trailer(cur, name, value)
             return
-        headers = cur.headers
-        headers.append((name, value))
-        total = cur.head_size = cur.head_size + size + 4
-        limits = self.limits
-        if total > limits.headers or size > limits.field_size or len(headers) > limits.fields:
-            self._fail(431, "request head, a field or the number of fields over its limit")
+        cur.headers.append((name, value))
+        size = cur.head_size = cur.head_size + len(name) + len(value) + 4
+        if size > self.head_limit:
+            self._fail(431, "request head over --limit-request-headers")
 
-    def _trailer(self, cur: Request, name: bytes, value: bytes, size: int) -> None:
-        cur.trailer_size += size + 4
+    def _trailer(self, cur: Request, name: bytes, value: bytes) -> None:
+        cur.trailer_size += len(name) + len(value) + 4
         if cur.trailer_size > self.limits.trailer:
             self._fail(431, "trailer over its limit")
         elif name.lower() in FORBIDDEN_TRAILERS:
@@ -222,29 +212,39 @@ class Connection:
         cur = self._cur
         assert cur is not None
         p = self.parser
-        cur.method = p.get_method() if self.extension_method is None else self.extension_method
-        self.extension_method = None
+        ext = self.extension_method
+        if ext is None:
+            cur.method = p.get_method()
+        else:
+            cur.method, self.extension_method = ext, None
         version = cur.version = p.get_http_version()
         cur.keep_alive = p.should_keep_alive()
-        cur.upgrade = p.should_upgrade()
         cur.head_complete = True
-        names = [name.lower() for name, _ in cur.headers]
-        for lname, (name, value) in zip(names, cur.headers):
-            size = len(lname)
+        if cur.head_size > self.limits.field_size:  # only then can one field be over the limit
+            self._check_field_sizes(cur)
+        for name, value in cur.headers:
+            size = len(name)
             if size != 14 and size != 17 and size != 6:
                 continue  # not one of the few fields framing depends on (a cheap test first)
+            lname = name.lower()
             if lname == b"content-length":
                 cur.content_length = int(value)  # httptools checked the digits
             elif lname == b"transfer-encoding":
                 self._transfer_coding(cur, value)
             elif lname == b"expect" and value.lower() == b"100-continue" and version != "1.0":
                 cur.expect_continue = True  # RFC 9110 10.1.1: ignored in an HTTP/1.0 request
-        self._check_head(cur, version, names)
+        if version not in _VERSIONS or cur.url == b"*" or len(cur.headers) > self.limits.fields:
+            self._check_head(cur, version)
         limit = self.limits.body
         if limit and cur.content_length is not None and cur.content_length > limit:
             self._fail(413, "request body over --limit-request-body")
         if self.buffered and (cur.chunked or cur.content_length):
             cur.body = BodyBuffer(self.spool)
+
+    def _check_field_sizes(self, cur: Request) -> None:
+        limit = self.limits.field_size
+        if any(len(name) + len(value) > limit for name, value in cur.headers):
+            self._fail(431, f"a header field over --limit-request-field-size ({limit})")
 
     def _transfer_coding(self, cur: Request, value: bytes) -> None:
         """httptools accepts only codings that end with chunked (RFC 9112 6.3); we decode none
@@ -260,8 +260,9 @@ class Connection:
         else:
             self._fail(501, f"transfer coding not implemented: {value.decode('latin-1')}")
 
-    def _check_head(self, cur: Request, version: str, names: list[bytes]) -> None:
-        """What httptools lets through and RFC 9110/9112 does not."""
+    def _check_head(self, cur: Request, version: str) -> None:
+        """What httptools lets through and RFC 9110/9112 does not.  (Host and fields that must
+        not repeat are checked as the environ is built: the one pass over the fields.)"""
         if version not in _VERSIONS:
             if version == "0.9":
                 self._fail(400, "HTTP/0.9 request (no HTTP-version)")
@@ -271,21 +272,16 @@ class Connection:
             return
         if cur.url == b"*" and cur.method != b"OPTIONS":
             self._fail(400, "asterisk-form request target is for OPTIONS only (RFC 9112 3.2.4)")
-        hosts = names.count(b"host")
-        if hosts > 1 or (hosts == 0 and version == "1.1"):
-            self._fail(400, "an HTTP/1.1 request needs exactly one Host (RFC 9112 3.2)")
-        if len(set(names)) < len(names):
-            seen: dict[bytes, bytes] = {}
-            for lname, (_, value) in zip(names, cur.headers):
-                if lname in SINGLETONS and seen.setdefault(lname, value) != value:
-                    self._fail(400, f"{lname.decode('latin-1')} repeated with different values")
-                    break
+        if len(cur.headers) > self.limits.fields:
+            self._fail(431, f"more than {self.limits.fields} header fields")
 
     def on_body(self, body: bytes) -> None:
         cur = self._cur
         assert cur is not None
         cur.received += len(body)
         if not self.buffered:
+            if cur.stream is None:
+                cur.stream = deque()
             cur.stream.append(body)
             return
         limit = self.limits.body
@@ -306,7 +302,8 @@ class Connection:
     # ------------------------------------------------------------------ feeding
     def feed(self, data: bytes) -> None:
         """Parse bytes that arrived.  Sets `error` on a protocol error."""
-        fresh, queued = self._cur is None, len(self.requests)
+        fresh = self._cur is None
+        queued = len(self.requests)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -91,7 +91,8 @@ class WorkerLoop:
             access_log=log.info if spec.access_log else None, log_error=log.error,
             is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
             keepalive=spec.keepalive_timeout > 0, write_timeout=spec.write_timeout,
-            body_timeout=spec.body_timeout, trust=self.trust)
+            body_timeout=spec.body_timeout, trust=self.trust,
+            reject=lambda conn, code, why: self._log_reject(conn, code, why))
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
@@ -294,8 +295,7 @@ class WorkerLoop:
         spec = self.spec
         conn = Connection(sock, peer, spec.limits, spec.request_buffering, spec.body_spool_size)
         conn.nagle = tcp  # TCP_NODELAY is set before a second write: a single one needs none
-        conn.trusted = self.trust(peer[0]) if isinstance(peer, tuple) else True  # a unix socket is local
-        if conn.trusted and spec.proxy_protocol != "off":
+        if spec.proxy_protocol != "off" and self._trusted(conn):
             conn.phase, conn.deadline = PROXY, time.monotonic() + spec.header_timeout
         else:
             conn.phase, conn.deadline = IDLE, time.monotonic() + self.idle_timeout
@@ -335,6 +335,13 @@ class WorkerLoop:
             conn.phase, conn.deadline = HEAD, time.monotonic() + self.spec.header_timeout
         conn.feed(data)
         self._advance(conn)
+
+    def _trusted(self, conn: Connection) -> bool:
+        trusted = conn.trusted
+        if trusted is None:
+            peer = conn.peer
+            trusted = conn.trusted = self.trust(peer[0]) if isinstance(peer, tuple) else True  # unix: local
+        return trusted
 
     def _proxy_header(self, conn: Connection, data: bytes) -> bytes:
         """The PROXY protocol header a trusted proxy sends first: the client's address.  Returns
@@ -376,8 +383,8 @@ class WorkerLoop:
     def _advance(self, conn: Connection) -> None:
         """Serve what has been parsed, then wait for what comes next (nothing is in flight)."""
         while True:
-            if conn.failed_now():
-                self._reject(conn, conn.error or 400, conn.why)
+            if conn.error is not None and conn.failed_now():
+                self._reject(conn, conn.error, conn.why)
                 return
             req = conn.next_ready()
             if req is None:
@@ -534,6 +541,11 @@ class WorkerLoop:
             conn.sock.send(self.adapter.error_bytes(code))  # small, into an empty buffer
         except OSError:
             pass
+        self._log_reject(conn, code, why)
+        self._linger(conn, time.monotonic())
+
+    def _log_reject(self, conn: Connection, code: int, why: str) -> None:
+        """request_rejected: a burst, then at most one per interval (with how many were not)."""
         now = time.monotonic()
         if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL or self.rejects_logged < REJECT_LOG_BURST:
             if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL:
@@ -545,7 +557,6 @@ class WorkerLoop:
             self.log.info("request_rejected", status=code, why=why, client=_client(conn.peer), **fields)
         else:
             self.rejects_unlogged += 1  # a flood of bad requests must not flood the log
-        self._linger(conn, now)
 
     def _finish(self, conn: Connection) -> None:
         """The server is done with this connection."""

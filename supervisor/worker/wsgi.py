@@ -29,6 +29,16 @@ from supervisor.worker import forwarded
 from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
 
 EMPTY = b""
+# Fields a request may carry once only (RFC 9110), as environ keys.
+SINGLETONS = frozenset(("HTTP_HOST", "CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_AUTHORIZATION",
+                        "HTTP_PROXY_AUTHORIZATION", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE",
+                        "HTTP_IF_RANGE", "HTTP_MAX_FORWARDS", "HTTP_RANGE", "HTTP_REFERER", "HTTP_FROM",
+                        "HTTP_USER_AGENT", "HTTP_CONTENT_LOCATION", "HTTP_CONTENT_RANGE", "HTTP_EXPECT",
+                        "HTTP_X_FORWARDED_HOST", "HTTP_X_FORWARDED_PROTO"))
+
+
+class RequestError(Exception):
+    """The request is invalid (400): found while its environ is built."""
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
@@ -46,7 +56,7 @@ class StreamInput(io.RawIOBase):
     def _fill(self) -> bool:
         """Move more body into the buffer.  False at end of body."""
         req = self._req
-        while not req.stream:
+        while not req.stream:  # None or empty
             if req.complete:
                 return False
             if self._conn.error is not None:
@@ -61,7 +71,7 @@ class StreamInput(io.RawIOBase):
                 if not self._ex.head_sent:  # a 100 after the final response started would corrupt it
                     send_all(self._conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n", self._timeout)
             self._conn.read_more(self._timeout)
-        chunk = req.stream.popleft()
+        chunk = req.stream.popleft()  # type: ignore[union-attr]
         limit = self._conn.limits.body
         if limit and req.received > limit:
             raise BodyTooLarge(f"request body larger than {limit} bytes")
@@ -289,7 +299,8 @@ class Adapter:
     def __init__(self, app: Callable, *, server_name: str, server_port: str, url_scheme: str, threads: int,
                  access_log: Callable[..., None] | None, log_error: Callable[..., None],
                  is_draining: Callable[[], bool], keepalive: bool, write_timeout: float,
-                 body_timeout: float, trust: forwarded.Trust | None = None) -> None:
+                 body_timeout: float, trust: forwarded.Trust | None = None,
+                 reject: Callable[[Connection, int, str], None] = lambda conn, code, why: None) -> None:
         self.app = app
         self.access_log = access_log
         self.log_error = log_error
@@ -298,6 +309,7 @@ class Adapter:
         self.write_timeout = write_timeout
         self.body_timeout = body_timeout
         self.trust = trust
+        self.reject = reject  # logs a request answered with an error before reaching the app
         self.pull_inline = threads == 1
         self.requests = 0
         self._count_lock = threading.Lock()  # app threads finish requests concurrently
@@ -318,6 +330,12 @@ class Adapter:
         ex = Exchange(self, conn, req, now)
         try:
             environ = ex.environ = self._environ(conn, req)
+        except RequestError as exc:
+            self.reject(conn, 400, str(exc))
+            ex.environ = {"PATH_INFO": ""}
+            ex.pending, ex.status, ex.close, ex.head_sent = self.error_bytes(400), "400 Bad Request", True, True
+            ex.aborted = False
+            return ex
         except Exception as exc:  # noqa: BLE001 - a bug of ours must cost one request, not the worker
             self.log_error("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             ex.environ = {"PATH_INFO": ""}
@@ -377,7 +395,7 @@ class Adapter:
         """The response is sent (or abandoned): close the iterable, count, log.  True when
         the connection can carry the next request."""
         result, ex.result = ex.result, None
-        if result is not None and hasattr(result, "close"):
+        if result is not None and result.__class__ is not list and hasattr(result, "close"):
             try:
                 result.close()
             except Exception:  # noqa: BLE001
@@ -385,8 +403,11 @@ class Adapter:
                 ex.aborted = ex.aborted or not ex.head_sent
         if ex.aborted:
             return False
-        with self._count_lock:
+        if self.pull_inline:  # --threads 1: only the loop's thread counts
             self.requests += 1
+        else:
+            with self._count_lock:
+                self.requests += 1
         if self.access_log is not None:
             environ = ex.environ
             self.access_log("request", method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
@@ -470,14 +491,24 @@ class Adapter:
             if key is None:
                 continue
             text = value.decode("latin-1")
-            if key in environ and key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if key in environ:
+                if key in SINGLETONS and (key == "HTTP_HOST" or environ[key] != text):
+                    # Once-only fields repeated (RFC 9110; Host: RFC 9112 3.2) make a request
+                    # ambiguous: which one did an intermediary act on?  A smuggling vector.
+                    raise RequestError(f"{key[5:] if key.startswith('HTTP_') else key} repeated")
                 environ[key] += "," + text  # RFC 9110: repeated fields combine with commas
             else:
                 environ[key] = text
-        if conn.trusted and self.trust is not None and (
-                "HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_FOR" in environ
-                or "HTTP_X_FORWARDED_PROTO" in environ or "HTTP_X_FORWARDED_HOST" in environ):
-            forwarded.apply(environ, self.trust)
+        if "HTTP_HOST" not in environ and req.version == "1.1":
+            raise RequestError("an HTTP/1.1 request needs a Host field (RFC 9112 3.2)")
+        if ("HTTP_X_FORWARDED_FOR" in environ or "HTTP_FORWARDED" in environ or "HTTP_X_FORWARDED_PROTO" in environ
+                or "HTTP_X_FORWARDED_HOST" in environ) and self.trust is not None:
+            trusted = conn.trusted
+            if trusted is None:
+                peer = conn.peer
+                trusted = conn.trusted = self.trust(peer[0]) if isinstance(peer, tuple) else True
+            if trusted:
+                forwarded.apply(environ, self.trust)
         return environ
 
     # ------------------------------------------------------------------ responses
