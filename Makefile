@@ -28,7 +28,7 @@ test: install
 
 # Everything but the Docker and Consul end-to-end tests.
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not docker and not consul"
+	$(PY) -m pytest -q -ra -m "not docker and not consul and not haproxy"
 
 # Every hostile client and careless operator of tests/test_hostile.py at once, under load, against
 # one supervise (loopback only; SOAK_ARGS="--duration 300" for longer): 0 failed requests expected.
