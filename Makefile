@@ -26,7 +26,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra
 
-# Everything but the Docker and Consul end-to-end tests.
+# Everything but the Docker, Consul and HAProxy end-to-end tests.
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not docker and not consul and not haproxy"
 
