@@ -20,6 +20,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Union
 
 
+# Upper bounds, in seconds, of the request-duration histogram workers send in Beat.hist (the
+# last bucket is +Inf): part of the protocol, since the master adds the buckets up by index.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass(frozen=True)
 class Message:
     kind: ClassVar[str] = ""
@@ -57,6 +62,20 @@ class Beat(Message):
     drained: int = 0
     busy: int = 0  # requests in app threads right now (with --threads > 1)
     started: int = 0  # requests handed to the app so far (the first is reported at once)
+    counts: dict[str, int] = field(default_factory=dict)  # requests by "STATUS METHOD", cumulative
+    hist: list[int] = field(default_factory=list)  # request durations per bucket, cumulative
+    seconds: float = 0.0  # all request durations added up
+
+
+@dataclass(frozen=True)
+class RequestTimedOut(Message):
+    """A request ran past --request-timeout (the worker logged its stack and answered 504):
+    replace this worker."""
+
+    kind: ClassVar[str] = "request_timeout"
+    method: str = ""
+    path: str = ""
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,7 +233,7 @@ class Withdrawn(Message):
 
 KINDS: dict[str, type[Message]] = {
     cls.kind: cls for cls in (
-        Ready, BootError, Beat, Handoff, StartAccepting, Adopt, Watching, Changed, Retarget,
+        Ready, BootError, Beat, RequestTimedOut, Handoff, StartAccepting, Adopt, Watching, Changed, Retarget,
         HelperWarning, HelperFailing, Register, Alive, Note, Withdraw, Registered, ConsulDown,
         ConsulUp, KVChanged, Withdrawn)
 }
@@ -273,4 +292,6 @@ def _fits(hint: Any, value: Any) -> bool:
         return isinstance(value, dict) and all(_fits(key, k) and _fits(item, v) for k, v in value.items())
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, hint)

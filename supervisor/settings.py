@@ -347,6 +347,11 @@ class Config:
         "How long a new worker may take to import the app and report ready. A first generation that misses "
         "it makes supervise exit 3; a reload that misses it is abandoned and the old generation keeps "
         "serving.", "Lifecycle", metavar="DURATION")
+    request_timeout: float = setting(
+        duration, 0.0, "Longest time the app may spend on one request (0: no limit). Past it, the request's "
+        "stack and those of its worker's other threads are logged (`request_timeout`), the client gets 504 if "
+        "nothing was sent yet, and the worker is replaced (ready before it retires).", "Lifecycle",
+        metavar="DURATION")
     worker_timeout: float = setting(
         duration, 30.0, "Kill and replace a worker whose heartbeat is silent this long. 0 disables.",
         "Lifecycle", metavar="DURATION")

@@ -196,7 +196,7 @@ def test_silent_worker_is_killed_and_replaced():
     sim.pool.heartbeat(sim.now, pid, 1)
     assert not [a for a in sim.advance(4.0) if isinstance(a, Kill)]
     kills = [a for a in sim.advance(1.0) if isinstance(a, Kill)]
-    assert kills == [Kill(pid, "no heartbeat for 5s")]
+    assert kills == [Kill(pid, "no heartbeat for 5s", dump=True)]
     actions = sim.exit(pid, "signal 9 (SIGKILL)")
     assert Spawn(1, 1) in actions
 

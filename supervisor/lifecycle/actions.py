@@ -42,10 +42,11 @@ class Drain:
 
 @dataclass(frozen=True)
 class Kill:
-    """SIGKILL a child (a worker or a helper)."""
+    """SIGKILL a child (a worker or a helper); `dump`: a stuck worker, log its stacks first."""
 
     pid: int
     reason: str
+    dump: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from supervisor.lifecycle.events import (
     Event, Exited, HelperStarted, HelperStartFailed, Measured, Said, SendFailed, Signalled, Spawned, SpawnFailed,
 )
 from supervisor.lifecycle.helpers import HelperSlot
+from supervisor.lifecycle.metrics import Totals
 from supervisor.lifecycle.pool import Jitter, Pool, PoolLimits
 from supervisor.lifecycle.shutdown import RetirePool, Shutdown, ShutdownTimes, StartWithdraw, Step
 
@@ -70,6 +71,7 @@ class Lifecycle:
             self.helpers[CONSUL] = HelperSlot(CONSUL)
             self.consul = ConsulLink(plan.consul_ttl)
         self.next_measure: float | None = None
+        self.totals = Totals(proto.DURATION_BUCKETS)
         self._withdraw_on_start = False  # the Consul helper must withdraw as soon as it runs
         self._out: list[Action] = []
         self._exit: Exit | None = None
@@ -157,10 +159,14 @@ class Lifecycle:
         if pid in self.pool.workers:
             if isinstance(message, proto.Beat):
                 self.pool.heartbeat(now, pid, message.requests, message.drained, message.busy, message.started)
+                if message.hist:
+                    self.totals.beat(pid, message.counts, message.hist, message.seconds)
             elif isinstance(message, proto.Ready):
                 self.pool.ready(now, pid, message.code)
             elif isinstance(message, proto.BootError):
                 self.pool.boot_error(now, pid, message.error)
+            elif isinstance(message, proto.RequestTimedOut):
+                self.pool.recycle(now, pid, f"a request ran past --request-timeout ({message.method} {message.path})")
             return
         helper = self.helper_named(pid)
         if helper is None:
@@ -200,6 +206,7 @@ class Lifecycle:
 
     def _exited(self, event: Exited, now: float) -> None:
         if self.pool.exited(now, event.pid, event.status):
+            self.totals.forget(event.pid)
             return
         helper = self.helper_named(event.pid)
         if helper is None:

@@ -23,6 +23,7 @@ Generation states:  starting -> serving -> draining -> stopped
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Protocol, Union
@@ -31,8 +32,11 @@ from supervisor.lifecycle.actions import (
     Accept, Action, Drain, Exit, GenerationServing, Kill, Level, Log, Milestone, PoolEmpty, ReloadFailed, Spawn,
 )
 from supervisor.lifecycle.backoff import WORKER_RESPAWN
+from supervisor.lifecycle.metrics import Histogram
 
 STABLE_UPTIME = 10.0  # a worker up this long has proven itself: reset its slot's backoff
+RELOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds, per reload phase
+RELOADS_KEPT = 10  # reloads listed in the health JSON
 
 
 class WorkerState(str, Enum):
@@ -82,6 +86,7 @@ class Worker:
     boot_error: str | None = None
     max_requests: int = 0
     busy: int = 0  # requests in its app threads at the last heartbeat
+    kill_reason: str | None = None
     started: int = 0  # requests it handed to the app (its first one is reported at once)
 
 
@@ -156,6 +161,11 @@ class Pool:
         self._out: list[Output] = []
         self._spawning: set[int] = set()  # slots with a Spawn queued or emitted but not yet `spawned`
         self._queue: list[tuple[int, int]] = []  # (generation, slot) waiting for a boot place
+        # What the metrics and the health JSON report (only ever growing, or bounded).
+        self.exits: dict[str, int] = {}  # worker exits by reason
+        self.reload_results: dict[str, int] = {}  # ok, failed, superseded
+        self.reload_phases = {"boot": Histogram(RELOAD_BUCKETS), "drain": Histogram(RELOAD_BUCKETS)}
+        self.reloads: deque[dict[str, object]] = deque(maxlen=RELOADS_KEPT)
         self._stale: set[int] = set()  # slots whose respawn loaded other code: refilled by a reload
         self._done = False  # the terminal output (Exit or PoolEmpty) was emitted
 
@@ -311,6 +321,8 @@ class Pool:
             if gen is not None:
                 gen.drained_requests += w.drained_requests
         self._emit(Log("worker_exited", fields, Level.INFO if expected else Level.WARNING))
+        reason = _exit_reason(w)
+        self.exits[reason] = self.exits.get(reason, 0) + 1
         slot = self.slots[w.slot - 1]
         if slot.serving == pid:
             slot.serving = None
@@ -403,10 +415,10 @@ class Pool:
                 else:
                     self._kill(w, f"boot timeout ({self.limits.boot_timeout:g}s)")
             elif w.state == WorkerState.DRAINING and w.deadline is not None and now >= w.deadline:
-                self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)")
+                self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)", dump=True)
             elif (w.state in (WorkerState.READY, WorkerState.SERVING) and self.limits.worker_timeout
                   and now >= w.last_seen + self.limits.worker_timeout):
-                self._kill(w, f"no heartbeat for {self.limits.worker_timeout:g}s")
+                self._kill(w, f"no heartbeat for {self.limits.worker_timeout:g}s", dump=True)
         first = next((g for g in self.generations.values() if g.first and g.state == GenState.STARTING), None)
         if first and now >= first.started_at + self.limits.boot_timeout and not self._any_serving():
             self._exit_unbootable(first, f"no worker ready after {self.limits.boot_timeout:g}s")
@@ -555,10 +567,19 @@ class Pool:
         fields: dict[str, object] = {"generation": gen.number, "reason": gen.reason, "outcome": outcome,
                                      "duration": round(now - gen.started_at, 3),
                                      "drained_requests": prev.drained_requests if prev else 0}
+        phases: dict[str, float] = {}
         if gen.ready_at is not None:
-            fields["ready_after"] = round(gen.ready_at - gen.started_at, 3)
+            fields["ready_after"] = phases["boot"] = round(gen.ready_at - gen.started_at, 3)
+            if outcome == "succeeded":
+                phases["drain"] = round(now - gen.ready_at, 3)
         if gen.error:
             fields["error"] = gen.error
+        result = "ok" if outcome == "succeeded" else outcome
+        self.reload_results[result] = self.reload_results.get(result, 0) + 1
+        for phase, seconds in phases.items():
+            self.reload_phases[phase].observe(seconds)
+        self.reloads.append({"generation": gen.number, "trigger": gen.reason, "result": result,
+                             "started_at": gen.started_at, "phases": phases, "error": gen.error})
         self._emit(Log("reload_finished", fields, Level.INFO if outcome == "succeeded" else Level.WARNING))
 
     def _replacement_died(self, now: float, gen: Generation, slot: Slot, w: Worker) -> None:
@@ -616,11 +637,11 @@ class Pool:
         w.state, w.deadline = WorkerState.DRAINING, now + self.limits.graceful_timeout
         self._emit(Drain(w.pid))
 
-    def _kill(self, w: Worker, reason: str) -> None:
+    def _kill(self, w: Worker, reason: str, dump: bool = False) -> None:
         if w.state == WorkerState.KILLED:
             return
-        w.state = WorkerState.KILLED
-        self._emit(Kill(w.pid, reason))
+        w.state, w.kill_reason = WorkerState.KILLED, reason
+        self._emit(Kill(w.pid, reason, dump))
         self._emit(Log("worker_killed", {"worker": w.slot, "generation": w.generation, "worker_pid": w.pid,
                                          "reason": reason}, Level.WARNING))
 
@@ -633,9 +654,21 @@ class Pool:
             elif w.state in BOOTING:
                 self._kill(w, "shutdown before ready")
             elif w.state == WorkerState.DRAINING and w.deadline is not None and now >= w.deadline:
-                self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)")
+                self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)", dump=True)
         for slot in self.slots:
             slot.serving, slot.spawn_at = None, None
         if not self.workers:
             self._done = True
             self._emit(PoolEmpty())
+
+
+def _exit_reason(w: Worker) -> str:
+    """Why a worker is gone, for supervise_worker_exits_total."""
+    if w.state == WorkerState.DRAINING:
+        return "recycled" if w.recycle else "retired"
+    if w.state == WorkerState.KILLED:
+        reason = w.kill_reason or ""
+        return "timeout" if ("timeout" in reason or "heartbeat" in reason) else "killed"
+    if w.state in BOOTING:
+        return "boot_failed"
+    return "crashed"

@@ -39,9 +39,18 @@ def health(core: Lifecycle, now: float, started: float, pid: int,
         "last_reload": None if last is None or last.first else {
             "generation": last.number, "state": last.state.value, "reason": last.reason,
             "error": last.error, "seconds_ago": round(now - last.started_at, 3)},
+        "workers_target": len(pool.slots),
+        "reloads": [_reload(r, now) for r in pool.reloads],
         "shutdown": core.shutdown.phase.value,
         "helpers": [{"name": h.name, "pid": h.pid, "failures": h.failures} for h in core.helpers.values()],
     }
     if core.consul is not None:
         body["consul"] = core.consul.view()
     return core.shutdown.running and bool(available), body
+
+
+def _reload(record: dict[str, Any], now: float) -> dict[str, Any]:
+    """One of the last reloads: its trigger, result, phases (seconds) and how long ago it began."""
+    out = {k: v for k, v in record.items() if k != "started_at"}
+    out["seconds_ago"] = round(now - record["started_at"], 3)
+    return out

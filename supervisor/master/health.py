@@ -1,4 +1,4 @@
-"""The master's health endpoint: `GET /health` on --health-bind.
+"""The master's health endpoint: `GET /health` (and `GET /metrics`) on --health-bind.
 
 200 while a generation serves and the master loop is answering (it is this loop
 that answers), 503 before the first generation is ready and once shutdown has
@@ -17,6 +17,7 @@ from typing import Any, Callable
 import httptools
 
 TIMEOUT = 5.0
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 16384
 MAX_CLIENTS = 64  # connections served at once; more wait in the listen queue
 
@@ -47,11 +48,12 @@ Snapshot = Callable[[], tuple[bool, dict[str, Any]]]
 
 class HealthServer:
     def __init__(self, listener: socket.socket, sel: selectors.BaseSelector, snapshot: Snapshot,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], metrics: Callable[[], bytes] | None = None) -> None:
         listener.setblocking(False)
         self.listener = listener
         self.sel = sel
         self.snapshot = snapshot
+        self.metrics = metrics
         self.clock = clock
         self.clients: dict[socket.socket, _Client] = {}
         self._listening = False
@@ -94,12 +96,15 @@ class HealthServer:
             return
         if client.request.done:
             method = client.parser.get_method()
+            head = method == b"HEAD"
             path = client.request.url.split(b"?", 1)[0]
-            if path not in (b"/health", b"/"):
-                self._respond(client, 404, {"error": "not found"}, head=method == b"HEAD")
+            if path == b"/metrics" and self.metrics is not None:
+                self._send(client, 200, METRICS_TYPE, self.metrics(), head)
+            elif path not in (b"/health", b"/"):
+                self._respond(client, 404, {"error": "not found"}, head=head)
             else:
                 healthy, body = self.snapshot()
-                self._respond(client, 200 if healthy else 503, body, head=method == b"HEAD")
+                self._respond(client, 200 if healthy else 503, body, head=head)
 
     def expire(self, now: float) -> None:
         for client in [c for c in self.clients.values() if now >= c.deadline]:
@@ -109,12 +114,14 @@ class HealthServer:
         return min((c.deadline for c in self.clients.values()), default=None)
 
     def _respond(self, client: _Client, status: int, body: dict[str, Any], head: bool) -> None:
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        self._send(client, status, "application/json", json.dumps(body, separators=(",", ":")).encode(), head)
+
+    def _send(self, client: _Client, status: int, content_type: str, payload: bytes, head: bool) -> None:
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}[status]
-        data = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+        data = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + (b"" if head else payload)
         try:
-            client.sock.send(data)  # small, into an empty socket buffer: one send is enough
+            client.sock.sendall(data)  # into an empty socket buffer: one send, or a few for a large scrape
         except OSError:
             pass
         self._close(client)

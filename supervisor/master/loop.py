@@ -17,6 +17,7 @@ import selectors
 import signal
 import socket
 import time
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import psutil
@@ -36,11 +37,13 @@ from supervisor.lifecycle.shutdown import ShutdownTimes
 from supervisor.lifecycle import view
 from supervisor.master.health import HealthServer
 from supervisor.master.helpers import HelperMain, fork_helper, stop_helper
+from supervisor.master.metrics import Metrics
 from supervisor.settings import Config, usable_cpus
 from supervisor.worker import main as worker
 from supervisor.worker.spec import RequestLimits, WorkerSpec
 
 EXIT_GRACE = 2.0  # how long the exiting master waits for killed children before leaving
+STACK_WAIT = 0.5  # how long a stuck worker gets to write its stacks before SIGKILL
 DESCENDANT_GRACE = 1.0  # then: TERM to what the app left behind, KILL after this long
 WITHDRAW_MARGIN = 0.5  # on top of the Consul timeout: the helper answers within it
 
@@ -71,8 +74,10 @@ class Master:
         self.sel = selectors.DefaultSelector()
         self.chans: dict[int, Channel] = {}  # child pid -> the master's end of its channel
         self.lifeline = proc.Lifeline()
+        self.dumps: dict[int, int] = {}  # worker pid -> read end of its stack-dump pipe
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic)
+        self.metrics = Metrics(self.core, listeners, _rss)
+        self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic, self.metrics.render)
                        if health is not None else None)
 
     # ------------------------------------------------------------------ loop
@@ -116,6 +121,8 @@ class Master:
         elif isinstance(action, Drain):
             proc.send_signal(action.pid, signal.SIGTERM)
         elif isinstance(action, Kill):
+            if action.dump and action.pid in self.dumps:
+                self._log_stacks(action.pid, action.reason)
             proc.send_signal(action.pid, signal.SIGKILL)
         elif isinstance(action, Tell):
             self._tell(action.pid, action.message)
@@ -141,21 +148,51 @@ class Master:
                                  config.limit_request_field_size, config.limit_request_trailer),
             access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
             master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
-            forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol)
+            forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol,
+            request_timeout=config.request_timeout)
         parent, child = channels.pair()
+        dump_r, dump_w = os.pipe2(os.O_CLOEXEC)
         try:
             pid = os.fork()
         except OSError as exc:
+            for fd in (dump_r, dump_w):
+                os.close(fd)
             parent.close()
             child.close()
             self._handle(SpawnFailed(action.generation, action.slot, str(exc)))
             return
         if pid == 0:
             parent.close()
-            worker.run(spec, self.listeners, child)  # never returns
+            worker.run(replace(spec, dump_fd=dump_w), self.listeners, child)  # never returns
         child.close()
+        os.close(dump_w)
+        os.set_blocking(dump_r, False)
+        self.dumps[pid] = dump_r
         self._watch_child(pid, Channel(parent, queue_sends=True))
         self._handle(Spawned(action.generation, action.slot, pid))
+
+    def _log_stacks(self, pid: int, reason: str) -> None:
+        """A stuck worker is about to be killed: ask it for every thread's stack (faulthandler
+        answers from its signal handler, whatever the app is doing) and log them."""
+        fd = self.dumps[pid]
+        proc.send_signal(pid, signal.SIGUSR2)
+        text = b""
+        deadline = time.monotonic() + STACK_WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([fd], [], [], left if not text else min(left, 0.02))
+            if not ready:
+                if text:
+                    break  # it has stopped writing
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            text += chunk
+        self.log.error("worker_stack", worker_pid=pid, reason=reason,
+                       stacks=text.decode("utf-8", "replace") or "(no answer: the worker is stuck outside Python)")
 
     def _start_helper(self, name: str) -> None:
         try:
@@ -215,6 +252,9 @@ class Master:
 
     def _reap(self, now: float) -> None:
         for pid, status in proc.reap():
+            dump = self.dumps.pop(pid, None)
+            if dump is not None:
+                os.close(dump)
             chan = self.chans.get(pid)
             if chan is not None:
                 self._on_child(pid, selectors.EVENT_READ)  # what it wrote just before exiting

@@ -34,6 +34,7 @@ from supervisor.channel import Channel
 from supervisor.worker import forwarded
 from supervisor.worker.http import Connection, Request
 from supervisor.worker.spec import WorkerSpec
+from supervisor.worker.watchdog import RequestWatch
 from supervisor.worker.wsgi import Adapter, Exchange
 
 HEARTBEAT_INTERVAL = 1.0
@@ -83,6 +84,11 @@ class WorkerLoop:
         self.term_arrived = False
         signal.signal(signal.SIGTERM, self._term_arrived)
         self.trust = forwarded.Trust(spec.forwarded_allow_ips)
+        self.watch = None
+        if spec.request_timeout > 0:
+            self.watch = RequestWatch(spec.request_timeout, log, lambda code: self.adapter.error_bytes(code),
+                                      lambda method, path, seconds: self.chan.send(
+                                          proto.RequestTimedOut(method, path, seconds)))
         first = listeners[0].getsockname() if listeners else ("", 0)
         is_inet = isinstance(first, tuple)
         self.adapter = Adapter(
@@ -92,7 +98,7 @@ class WorkerLoop:
             is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
             keepalive=spec.keepalive_timeout > 0, write_timeout=spec.write_timeout,
             body_timeout=spec.body_timeout, trust=self.trust,
-            reject=lambda conn, code, why: self._log_reject(conn, code, why))
+            reject=lambda conn, code, why: self._log_reject(conn, code, why), watch=self.watch)
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
@@ -149,7 +155,9 @@ class WorkerLoop:
         """Heartbeat: proves the loop turns; requests served (and since draining); app threads busy."""
         served = self.adapter.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
-        self.chan.send(proto.Beat(served, drained, len(self.owned), self.started))
+        stats = self.adapter.stats
+        self.chan.send(proto.Beat(served, drained, len(self.owned), self.started, dict(stats.counts),
+                                  list(stats.hist), stats.seconds))
 
     # ------------------------------------------------------------------ the master and signals
     def _term_arrived(self, signum: int, frame: Any) -> None:

@@ -11,6 +11,7 @@ old one stopped accepting.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import signal
@@ -37,7 +38,10 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.sock
 
 def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
     # SIGTERM only wakes the loop until the loop installs its own handler (that notes it too).
-    proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, *(s.fileno() for s in listeners)}, on_term=_wake_only)
+    proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, spec.dump_fd, *(s.fileno() for s in listeners)},
+                    on_term=_wake_only)
+    if spec.dump_fd >= 0:  # the master asks for the stacks of a stuck worker before it kills it
+        faulthandler.register(signal.SIGUSR2, file=spec.dump_fd, all_threads=True)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     # When the master dies: SIGTERM drains a worker whose loop turns, and the lifeline ends

@@ -40,3 +40,5 @@ class WorkerSpec:
     graceful_timeout: float
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     proxy_protocol: str = "off"
+    request_timeout: float = 0.0
+    dump_fd: int = -1  # faulthandler writes every thread's stack here on SIGUSR2 (the master reads it)

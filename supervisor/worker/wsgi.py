@@ -26,6 +26,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from supervisor.worker import forwarded
+from supervisor.worker.stats import RequestStats
 from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
 
 EMPTY = b""
@@ -245,9 +246,9 @@ class Exchange:
     """One request and the response in progress.  Its `start_response` and `write` are the
     callables the app gets."""
 
-    __slots__ = ("adapter", "conn", "req", "started", "environ", "status", "headers", "head_sent", "chunked",
-                 "length", "written", "close", "head_only", "result", "iterator", "inline", "pending", "file",
-                 "aborted")
+    __slots__ = ("adapter", "conn", "req", "started", "environ", "status", "code", "headers", "head_sent",
+                 "chunked", "length", "written", "close", "head_only", "result", "iterator", "inline", "pending",
+                 "file", "aborted")
 
     def __init__(self, adapter: "Adapter", conn: Connection, req: Request, started: float) -> None:
         self.adapter = adapter
@@ -256,6 +257,7 @@ class Exchange:
         self.started = started
         self.environ: dict[str, Any] = {}
         self.status: str | None = None
+        self.code = 0  # the status code sent (set with the head)
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
         self.chunked = False
@@ -300,7 +302,8 @@ class Adapter:
                  access_log: Callable[..., None] | None, log_error: Callable[..., None],
                  is_draining: Callable[[], bool], keepalive: bool, write_timeout: float,
                  body_timeout: float, trust: forwarded.Trust | None = None,
-                 reject: Callable[[Connection, int, str], None] = lambda conn, code, why: None) -> None:
+                 reject: Callable[[Connection, int, str], None] = lambda conn, code, why: None,
+                 watch: Any = None) -> None:
         self.app = app
         self.access_log = access_log
         self.log_error = log_error
@@ -310,8 +313,10 @@ class Adapter:
         self.body_timeout = body_timeout
         self.trust = trust
         self.reject = reject  # logs a request answered with an error before reaching the app
+        self.watch = watch  # supervisor.worker.watchdog.RequestWatch with --request-timeout
         self.pull_inline = threads == 1
         self.requests = 0
+        self.stats = RequestStats()
         self._count_lock = threading.Lock()  # app threads finish requests concurrently
         self._names = _HeaderCache()
         self._date = _DateCache()
@@ -328,13 +333,14 @@ class Adapter:
         """Call the app for `req`; the returned exchange has its first bytes pending (or is
         aborted).  Never raises."""
         ex = Exchange(self, conn, req, now)
+        watch = self.watch
         try:
             environ = ex.environ = self._environ(conn, req)
         except RequestError as exc:
             self.reject(conn, 400, str(exc))
             ex.environ = {"PATH_INFO": ""}
             ex.pending, ex.status, ex.close, ex.head_sent = self.error_bytes(400), "400 Bad Request", True, True
-            ex.aborted = False
+            ex.code = 400
             return ex
         except Exception as exc:  # noqa: BLE001 - a bug of ours must cost one request, not the worker
             self.log_error("internal_error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -356,6 +362,8 @@ class Adapter:
         conn.client_close = not req.keep_alive
         ex.close = not req.keep_alive or conn.closing or not self.keepalive
 
+        if watch is not None:
+            watch.arm(conn, ex)
         try:
             result = ex.result = self.app(environ, ex.start_response)
             if type(result) in (list, tuple) and len(result) <= 1 and not ex.head_sent:
@@ -369,6 +377,9 @@ class Adapter:
                 self.more(ex)
         except BaseException as exc:  # noqa: BLE001 - whatever the app raises is answered
             self._failed(ex, exc)
+        finally:
+            if watch is not None:
+                watch.disarm()
         return ex
 
     def more(self, ex: Exchange) -> None:
@@ -377,6 +388,9 @@ class Adapter:
         iterator = ex.iterator
         if iterator is None:
             return
+        watch = self.watch
+        if watch is not None:
+            watch.arm(ex.conn, ex)
         try:
             for chunk in iterator:
                 if chunk:
@@ -390,6 +404,9 @@ class Adapter:
                 ex.pending = b"0\r\n\r\n"
         except BaseException as exc:  # noqa: BLE001
             self._failed(ex, exc)
+        finally:
+            if watch is not None:
+                watch.disarm()
 
     def finish(self, ex: Exchange) -> bool:
         """The response is sent (or abandoned): close the iterable, count, log.  True when
@@ -403,16 +420,20 @@ class Adapter:
                 ex.aborted = ex.aborted or not ex.head_sent
         if ex.aborted:
             return False
+        seconds = time.monotonic() - ex.started
+        method = ex.environ.get("REQUEST_METHOD") or "other"
         if self.pull_inline:  # --threads 1: only the loop's thread counts
             self.requests += 1
+            self.stats.record(ex.code, method, seconds)
         else:
             with self._count_lock:
                 self.requests += 1
+                self.stats.record(ex.code, method, seconds)
         if self.access_log is not None:
             environ = ex.environ
             self.access_log("request", method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
-                            query=environ.get("QUERY_STRING"), status=int(ex.status[:3]) if ex.status else 0,
-                            bytes=ex.written, duration=round(time.monotonic() - ex.started, 6),
+                            query=environ.get("QUERY_STRING"), status=ex.code,
+                            bytes=ex.written, duration=round(seconds, 6),
                             remote=environ.get("REMOTE_ADDR"))
         if not ex.req.complete:
             return False  # unread body still on the wire: we cannot find the next request
@@ -451,7 +472,7 @@ class Adapter:
             ex.aborted = True
             return
         ex.pending, ex.status, ex.close, ex.head_sent = self.error_bytes(code), f"{code} {REASONS[code]}", True, True
-        ex.length, ex.written, ex.file = None, 0, None
+        ex.code, ex.length, ex.written, ex.file = code, None, 0, None
 
     def _log_exception(self, ex: Exchange) -> None:
         self.log_error("app_exception", method=ex.req.method.decode("latin-1"),
@@ -519,6 +540,7 @@ class Adapter:
             raise AssertionError("the app returned without calling start_response()")
         heads = self._heads
         status_line, code = heads.status(ex.status)
+        ex.code = code
         req = ex.req
         no_body = code < 200 or code in (204, 304)
         lines = [status_line]
@@ -571,12 +593,21 @@ class Adapter:
     def _frame(self, ex: Exchange, data: bytes, final: bool = False) -> None:
         """Append `data` (a piece of the body) to `ex.pending`, with the head before the first
         piece and chunk framing when the length is not known."""
+        if ex.aborted:
+            raise ClientGone("the request timed out")  # the watchdog answered it (504)
         head = EMPTY
         if not ex.head_sent:
             if not isinstance(data, bytes):
                 raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
-            head = self._head_bytes(ex, len(data) if final else None)
-            ex.head_sent = True
+            if self.watch is None:
+                head = self._head_bytes(ex, len(data) if final else None)
+                ex.head_sent = True
+            else:
+                with self.watch.lock:  # the watchdog may be answering 504 right now
+                    if ex.aborted:
+                        raise ClientGone("the request timed out")
+                    head = self._head_bytes(ex, len(data) if final else None)
+                    ex.head_sent = True
         if ex.head_only:
             data = EMPTY
         elif ex.length is not None and len(data) > ex.length - ex.written:
