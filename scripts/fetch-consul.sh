@@ -4,8 +4,8 @@
 #   scripts/fetch-consul.sh            -> prints the path of the cached binary (last line of stdout)
 #
 # How (see /work/shared/consul.md): the Debian mirror URI is read from this machine's own apt
-# configuration (deb822 /etc/apt/sources.list.d/*.sources, classic /etc/apt/sources.list and
-# /etc/apt/sources.list.d/*.list); no host name is written here.  apt runs with fully isolated
+# configuration by scripts/lib/mirror.sh (deb822 /etc/apt/sources.list.d/*.sources, classic
+# /etc/apt/sources.list and /etc/apt/sources.list.d/*.list); no host name is written here.  apt runs with fully isolated
 # state and configuration in a temporary directory (the system's apt state is untouched); only
 # Acquire::Check-Valid-Until / Check-Date / proxy / retry options are carried over from
 # `apt-config dump`.  The .deb is unpacked with dpkg-deb and the binary cached outside the repo.
@@ -13,6 +13,7 @@
 # Environment:
 #   SUPERVISE_CONSUL_CACHE   cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/supervise/consul)
 #   SUPERVISE_DEBIAN_MIRROR  Debian archive URI to use instead of the one found in the apt config
+#   SUPERVISE_APT_DIR        apt configuration directory to read sources from (default /etc/apt)
 #
 # Idempotent: when the binary is already cached it prints the path and exits at once.
 # Fails loudly (non-zero exit, message on stderr) when it cannot fetch: bullseye is Debian's
@@ -22,7 +23,6 @@ set -euo pipefail
 SUITE=bullseye
 PACKAGE=consul
 WANT_VERSION="Consul v1.8.7"
-DEFAULT_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 CACHE_DIR="${SUPERVISE_CONSUL_CACHE:-${XDG_CACHE_HOME:-${HOME:?is not set: set SUPERVISE_CONSUL_CACHE or XDG_CACHE_HOME}/.cache}/supervise/consul}"
 BINARY="$CACHE_DIR/consul"
@@ -56,75 +56,12 @@ if command -v flock >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- mirror discovery
-# Prints "URI KEYRING" lines for every Debian main-archive entry found in the apt config.
-# A Debian archive entry is recognised by its suite (a Debian code name or alias), not by host:
-# third-party repositories use their own suite names (nodistro, cloud-sdk, ...).
-DEBIAN_SUITE_RE='^(buster|bullseye|bookworm|trixie|forky|duke|sid|oldoldstable|oldstable|stable|testing|unstable)$'
-
-list_mirrors() {
-    local f
-    shopt -s nullglob
-    for f in /etc/apt/sources.list.d/*.sources; do
-        # deb822: stanzas separated by blank lines; fields Types, URIs, Suites, Signed-By, Enabled.
-        awk -v suite_re="$DEBIAN_SUITE_RE" -v default_keyring="$DEFAULT_KEYRING" '
-            function flush(   n, i, uris, suites, ok, t) {
-                if (types ~ /(^|[ \t])deb([ \t]|$)/ && enabled !~ /^[ \t]*(no|false|0)[ \t]*$/) {
-                    ok = 0
-                    n = split(suite_list, suites, /[ \t]+/)
-                    for (i = 1; i <= n; i++) if (suites[i] ~ suite_re) ok = 1
-                    if (ok) {
-                        n = split(uri_list, uris, /[ \t]+/)
-                        for (i = 1; i <= n; i++) if (uris[i] != "")
-                            print uris[i], (keyring != "" && keyring !~ /BEGIN PGP/ ? keyring : default_keyring)
-                    }
-                }
-                types = ""; uri_list = ""; suite_list = ""; keyring = ""; enabled = ""
-            }
-            /^[ \t]*#/ { next }
-            /^[ \t]*$/ { flush(); next }
-            {
-                line = $0
-                key = tolower(line); sub(/:.*/, "", key)
-                val = line; sub(/^[^:]*:[ \t]*/, "", val)
-                if (key == "types") types = val
-                else if (key == "uris") uri_list = val
-                else if (key == "suites") suite_list = val
-                else if (key == "signed-by") keyring = val
-                else if (key == "enabled") enabled = val
-            }
-            END { flush() }
-        ' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -r "$f" ] || continue
-        # Classic one-line format: deb [options] URI SUITE COMPONENT...
-        awk -v suite_re="$DEBIAN_SUITE_RE" -v default_keyring="$DEFAULT_KEYRING" '
-            /^[ \t]*deb[ \t]/ {
-                keyring = default_keyring
-                line = $0
-                sub(/^[ \t]*deb[ \t]+/, "", line)
-                if (line ~ /^\[/) {
-                    opts = line; sub(/\].*/, "", opts); sub(/^\[/, "", opts)
-                    sub(/^\[[^]]*\][ \t]*/, "", line)
-                    n = split(opts, o, /[ \t]+/)
-                    for (i = 1; i <= n; i++) if (o[i] ~ /^signed-by=/) { keyring = o[i]; sub(/^signed-by=/, "", keyring) }
-                }
-                split(line, f, /[ \t]+/)
-                if (f[2] ~ suite_re) print f[1], keyring
-            }
-        ' "$f"
-    done
-}
-
-if [ -n "${SUPERVISE_DEBIAN_MIRROR:-}" ]; then
-    MIRRORS="$SUPERVISE_DEBIAN_MIRROR $DEFAULT_KEYRING"
-else
-    MIRRORS="$(list_mirrors | awk '!seen[$1]++')"
-fi
-# The security archive carries no bullseye main packages of its own: try it last.
-MIRRORS="$(printf '%s\n' "$MIRRORS" | grep -v -- '-security' || true; printf '%s\n' "$MIRRORS" | grep -- '-security' || true)"
-MIRRORS="$(printf '%s\n' "$MIRRORS" | sed '/^[[:space:]]*$/d')"
-[ -n "$MIRRORS" ] || die "no Debian archive found in /etc/apt/sources.list{,.d/*.sources,.d/*.list}; set SUPERVISE_DEBIAN_MIRROR to a Debian mirror URI"
+# "URI KEYRING KIND" for every Debian archive in the machine's apt configuration (deb822 and
+# one-line formats), main archives first: the one reader shared with scripts/image.sh.
+. "$(dirname "${BASH_SOURCE[0]}")/lib/mirror.sh"
+MIRRORS="$(mirror_debian)"
+# The security archive carries no bullseye main packages of its own: mirror_debian lists it last.
+[ -n "$MIRRORS" ] || die "no Debian archive found in $(mirror_where); set SUPERVISE_DEBIAN_MIRROR to a Debian mirror URI"
 
 # ---------------------------------------------------------------- isolated apt
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fetch-consul.XXXXXX")"
@@ -132,9 +69,9 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/lists/partial" "$WORK/cache/archives/partial" "$WORK/apt.conf.d" \
          "$WORK/preferences.d" "$WORK/trusted.gpg.d" "$WORK/download"
 
-# Options worth keeping from the machine's apt configuration: validity checks (snapshot
-# mirrors need Check-Valid-Until "false"), proxies, retries, IP family.
-CARRIED="$(apt-config dump 2>/dev/null | grep -E '^Acquire::(Check-Valid-Until|Check-Date|Max-ValidTime|Retries|ForceIPv4|ForceIPv6|(http|https|ftp|socks5)::([Pp]roxy|Proxy-Auto-Detect|Timeout))' || true)"
+# Options worth keeping from the machine's apt configuration (mirror_aptopts): validity checks
+# (snapshot mirrors need Check-Valid-Until "false"), proxies, retries, IP family.
+CARRIED="$(mirror_aptopts)"
 
 {
     printf 'Dir::Etc::Main "/dev/null";\n'
@@ -179,7 +116,7 @@ fetch_from() {  # URI KEYRING -> leaves one .deb in $WORK/download, or returns n
 }
 
 fetched=""
-while read -r uri keyring; do
+while read -r uri keyring _kind; do
     [ -n "$uri" ] || continue
     if fetch_from "$uri" "$keyring"; then
         fetched="$uri"

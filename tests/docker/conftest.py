@@ -17,8 +17,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test here needs the engine, except modules that say NEEDS_ENGINE = False (script
+    # tests that run in `make test-fast` too).
     for item in items:
-        if "tests/docker/" in item.nodeid.replace("\\", "/"):
+        module = getattr(item, "module", None)
+        if "tests/docker/" in item.nodeid.replace("\\", "/") and getattr(module, "NEEDS_ENGINE", True):
             item.add_marker(pytest.mark.docker)
 
 
