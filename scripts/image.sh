@@ -2,8 +2,11 @@
 # Build and run the supervise container image without a registry.
 #
 #   scripts/image.sh build        engine, local base image, wheelhouse, `docker build` (skips work already done)
+#   scripts/image.sh engine       only the engine (scripts/docker-engine.sh)
 #   scripts/image.sh base         only the base image (localbase/python:bookworm via mmdebstrap)
 #   scripts/image.sh wheels       only the wheelhouse (project wheel + dependency wheels)
+#   scripts/image.sh minbase      a true minimal bookworm (localbase/debian:bookworm-minbase: no python3,
+#                                 make or procps), the "fresh machine" of tests/docker/test_fresh_machine.py
 #   scripts/image.sh example      build + the prod-style example image (code COPYed in, images/example/Dockerfile)
 #   scripts/image.sh demo         build + run the example with code bind-mounted from images/example/app
 #   scripts/image.sh demo-stop    docker stop + rm the demo container
@@ -15,6 +18,13 @@
 #   SUPERVISE_CACHE      cache dir: base tarball, build context, stamps (default /var/cache/supervise)
 #   SUPERVISE_PYVER      Python version of the base image, for the wheelhouse (default 3.11)
 #   DEMO_NAME/DEMO_PORT/DEMO_HEALTH_PORT   demo container name and loopback ports (supervise-demo, 8080, 8081)
+#   SUPERVISE_LOCK_TIMEOUT  seconds to wait for another run's build lock (default 900)
+#   SUPERVISE_DEBIAN_MIRROR  Debian archive for the base image instead of the host's (scripts/lib/mirror.sh)
+#   DOCKERD_ROOT / DOCKER_HOST  a private engine (see scripts/docker-engine.sh) / the engine to use
+#
+# Every step prints one line with its duration on stderr ("image: base image built in 31.2 s").
+# One build at a time per cache dir: the build steps (not the engine start) run under a lock on
+# $SUPERVISE_CACHE/.build.lock, and no process started here inherits it.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,15 +33,22 @@ BASE="${SUPERVISE_BASE:-localbase/python:bookworm}"
 CACHE="${SUPERVISE_CACHE:-/var/cache/supervise}"
 PYVER="${SUPERVISE_PYVER:-3.11}"
 SUITE=bookworm
+LOCKFILE="$CACHE/.build.lock"
+LOCK_TIMEOUT="${SUPERVISE_LOCK_TIMEOUT:-900}"
+if [ -n "${DOCKERD_ROOT:-}" ]; then export DOCKER_HOST="${DOCKER_HOST:-unix://$(mkdir -p "$DOCKERD_ROOT" && cd "$DOCKERD_ROOT" && pwd)/docker.sock}"; fi
+# shellcheck source=lib/mirror.sh
+. "$REPO/scripts/lib/mirror.sh"
 # Fixed epoch (2025-05-20): the rootfs tarball is byte-identical across builds.
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1747699200}"
 EXAMPLE_IMAGE="${SUPERVISE_EXAMPLE_IMAGE:-supervise-example:latest}"
+MINBASE="${SUPERVISE_MINBASE:-localbase/debian:bookworm-minbase}"
 DEMO_NAME="${DEMO_NAME:-supervise-demo}"
 DEMO_PORT="${DEMO_PORT:-8080}"
 DEMO_HEALTH_PORT="${DEMO_HEALTH_PORT:-8081}"
 
 say() { printf 'image: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
+since() { local a="$1" b="$EPOCHREALTIME"; LC_ALL=C awk -v a="${a/,/.}" -v b="${b/,/.}" 'BEGIN { printf "%.1f", b - a }'; }
 
 host_python() {
     if [ -x "$REPO/.venv/bin/python" ]; then echo "$REPO/.venv/bin/python"; else command -v python3; fi
@@ -40,85 +57,73 @@ host_python() {
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
 # ----------------------------------------------------------------------------- base image
-# Bookworm entries of the host's deb822 sources (read at run time; no mirror is hard-coded).
+# The base image's apt sources: the host's own Debian archives (deb822 or one-line sources, any
+# Debian release on the host) pointed at $SUITE, by scripts/lib/mirror.sh (shared with
+# scripts/fetch-consul.sh).  No mirror is hard-coded.
 host_sources() {
-    "$(host_python)" - "$SUITE" <<'PY'
-import glob, sys
-suite = sys.argv[1]
-out = []
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    text = open(path, encoding="utf-8").read()
-    for block in text.split("\n\n"):
-        fields, key = {}, None
-        for line in block.splitlines():
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            if line[0] in " \t" and key:
-                fields[key] += "\n" + line
-                continue
-            key, _, value = line.partition(":")
-            key = key.strip()
-            fields[key] = value.strip()
-        if not fields or fields.get("Enabled", "yes").lower() == "no":
-            continue
-        if "deb" not in fields.get("Types", "").split():
-            continue
-        suites = [s for s in fields.get("Suites", "").split() if s == suite or s.startswith(suite + "-")]
-        if not suites:
-            continue
-        fields["Types"] = "deb"
-        fields["Suites"] = " ".join(suites)
-        out.append("\n".join(f"{k}: {v}" for k, v in fields.items()))
-if not out:
-    sys.exit(f"no deb822 entries for {suite} in /etc/apt/sources.list.d/*.sources")
-print("\n\n".join(out))
-PY
+    mirror_sources "$SUITE" || { say "no Debian archive in $(mirror_where); set SUPERVISE_DEBIAN_MIRROR"; return 1; }
 }
 
-ensure_base() {
-    if image_exists "$BASE"; then
-        say "base $BASE present"
+ensure_base() { ensure_localbase "$BASE" python python3,python3-venv; }
+
+# A true minimal Debian (mmdebstrap minbase: no python3, make or procps), for the fresh-machine test.
+ensure_minbase() { ensure_localbase "$MINBASE" minbase ""; }
+
+ensure_localbase() {  # IMAGE FLAVOR PACKAGES: a localbase/* image from an mmdebstrap rootfs (cached)
+    local image="$1" flavor="$2" packages="$3"
+    local t0=$EPOCHREALTIME
+    if image_exists "$image"; then
+        say "base image $image present ($(since "$t0") s)"
         return
     fi
-    case "$BASE" in
+    case "$image" in
         localbase/*) ;;
-        *) die "base image $BASE is missing and only localbase/* can be built here (docker pull $BASE first)";;
+        *) die "base image $image is missing and only localbase/* can be built here (docker pull $image first)";;
     esac
     mkdir -p "$CACHE"
-    local packages="python3,python3-venv"
     local sources aptopts key tarball
     sources="$(host_sources)" || die "cannot read the host's apt sources"
-    # Options the host's mirror needs (proxy, snapshot validity), carried over as-is.
-    aptopts="$(apt-config dump | grep -E '^Acquire::(Check-Valid-Until|Check-Date|http::Proxy|https::Proxy) ' || true)"
+    # Options the host's mirror needs (proxy, snapshot validity, ...), carried over as-is.
+    aptopts="$(mirror_aptopts)"
     key="$(printf '%s\n%s\n%s\n%s\n' "$SUITE" "$packages" "$sources" "$SOURCE_DATE_EPOCH" | sha256sum | cut -c1-12)"
-    tarball="$CACHE/rootfs-$SUITE-$key.tar"
+    tarball="$CACHE/rootfs-$SUITE-$flavor-$key.tar"
     if [ ! -s "$tarball" ]; then
         command -v mmdebstrap >/dev/null 2>&1 || {
             say "installing mmdebstrap"
+            local ti=$EPOCHREALTIME
             DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmdebstrap >/dev/null \
                 || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmdebstrap >/dev/null; } \
                 || die "cannot install mmdebstrap"
+            say "mmdebstrap installed in $(since "$ti") s"
         }
-        local srcfile args=()
-        srcfile="$(mktemp "$CACHE/sources.XXXXXX")"
+        local srcdir srcfile args=()
+        # A fixed name: mmdebstrap copies it into the rootfs (/etc/apt/sources.list.d/0000debian.list).
+        srcdir="$(mktemp -d "$CACHE/sources.XXXXXX")"
+        srcfile="$srcdir/debian.list"
         printf '%s\n' "$sources" >"$srcfile"
         while IFS= read -r opt; do [ -n "$opt" ] && args+=("--aptopt=$opt"); done <<<"$aptopts"
-        say "building $SUITE rootfs with mmdebstrap (cold: ~30 s) -> $tarball"
-        local t0=$SECONDS
-        mmdebstrap --mode=root --variant=minbase --include="$packages" \
+        say "building the $SUITE rootfs with mmdebstrap (cold: ~30 s) -> $tarball"
+        local tr=$EPOCHREALTIME
+        [ -z "$packages" ] || args+=("--include=$packages")
+        mmdebstrap --mode=root --variant=minbase \
             --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
             --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
             --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
             "${args[@]}" --format=tar "$SUITE" "$tarball.part" "$srcfile" >"$CACHE/mmdebstrap.log" 2>&1 \
-            || { rm -f "$srcfile" "$tarball.part"; tail -30 "$CACHE/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $CACHE/mmdebstrap.log)"; }
-        rm -f "$srcfile"
+            || { rm -rf "$srcdir" "$tarball.part"; tail -30 "$CACHE/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $CACHE/mmdebstrap.log)"; }
+        rm -rf "$srcdir"
         mv "$tarball.part" "$tarball"
-        say "rootfs built in $((SECONDS - t0)) s ($(du -h "$tarball" | cut -f1))"
+        # Tarballs of superseded sources/packages are never read again.
+        find "$CACHE" -maxdepth 1 \( -name "rootfs-$SUITE-$flavor-*.tar" -o -name "rootfs-$SUITE-????????????.tar" \) \
+            ! -name "${tarball##*/}" -delete 2>/dev/null || true
+        say "rootfs built in $(since "$tr") s ($(du -h "$tarball" | cut -f1))"
     else
         say "re-importing cached rootfs $tarball"
     fi
-    docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' "$tarball" "$BASE" >/dev/null
-    say "imported $BASE"
+    local cmd='CMD ["python3"]'
+    [ "$flavor" = python ] || cmd='CMD ["bash"]'
+    docker import -c 'ENV LANG=C.UTF-8' -c "$cmd" "$tarball" "$image" >/dev/null
+    say "base image $image built in $(since "$t0") s"
 }
 
 # ----------------------------------------------------------------------------- wheelhouse
@@ -130,9 +135,11 @@ tree_hash() {  # content hash of the given files/dirs (python sources, metadata)
 }
 
 ensure_wheels() {
+    local t0=$EPOCHREALTIME
     mkdir -p "$CTX/wheels/project" "$CTX/wheels/deps"
     local py arch
     py="$(host_python)"
+    "$py" -m pip --version >/dev/null 2>&1 || die "$py has no pip to build the wheelhouse: run \`make install\` first (it creates .venv)"
     arch="$(uname -m)"
     local srcs=(pyproject.toml supervisor)
     for f in setup.py setup.cfg README.md README.rst LICENSE MANIFEST.in; do [ -e "$REPO/$f" ] && srcs+=("$f"); done
@@ -171,6 +178,7 @@ ensure_wheels() {
         rm -f "$CTX"/wheels/deps/supervise-*.whl   # the project wheel lives in wheels/project
         echo "$deps_key" >"$CTX/.deps-stamp"
     fi
+    say "wheelhouse ready in $(since "$t0") s"
 }
 
 sync_file() {  # copy only when content differs (keeps the context stable)
@@ -178,9 +186,16 @@ sync_file() {  # copy only when content differs (keeps the context stable)
 }
 
 # ----------------------------------------------------------------------------- build
+engine() {  # outside the lock, and fd 9 closed for it: dockerd must never hold the build lock
+    local t0=$EPOCHREALTIME
+    "$REPO/scripts/docker-engine.sh" 9>&- || die "no Docker engine (scripts/docker-engine.sh failed)"
+    say "engine ready in $(since "$t0") s"
+}
+
 build() {
-    "$REPO/scripts/docker-engine.sh"
-    local t0=$SECONDS
+    engine
+    local t0=$EPOCHREALTIME
+    lock
     ensure_base
     ensure_wheels
     sync_file "$REPO/images/base/Dockerfile" "$CTX/Dockerfile"
@@ -191,20 +206,24 @@ build() {
     local previous
     previous="$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
     say "docker build $IMAGE (FROM $BASE)"
+    local tb=$EPOCHREALTIME
     docker build --build-arg "BASE=$BASE" --label "org.opencontainers.image.version=$version" \
         -t "$IMAGE" "$CTX" >"$CACHE/build.log" 2>&1 \
         || { tail -40 "$CACHE/build.log" >&2; die "docker build failed (log: $CACHE/build.log)"; }
+    say "docker build done in $(since "$tb") s"
     if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
         docker rmi "$previous" >/dev/null 2>&1 || true   # our own now-untagged image (kept if a container uses it)
         # Keep the current build stage (the layer cache) under a tag, drop the superseded ones.
         docker build --quiet --target venv --build-arg "BASE=$BASE" -t "${IMAGE%:*}-buildstage:latest" "$CTX" >/dev/null 2>&1 \
             && docker image prune --force --filter label=org.supervise.stage=venv >/dev/null 2>&1 || true
     fi
-    say "built $IMAGE ($(docker image inspect -f '{{.Id}}' "$IMAGE" | cut -c8-19), supervise $version) in $((SECONDS - t0)) s"
+    unlock
+    say "built $IMAGE ($(docker image inspect -f '{{.Id}}' "$IMAGE" | cut -c8-19), supervise $version) in $(since "$t0") s"
 }
 
 build_example() {
     build
+    lock
     local previous
     previous="$(docker image inspect -f '{{.Id}}' "$EXAMPLE_IMAGE" 2>/dev/null || true)"
     docker build --build-arg "BASE_IMAGE=$IMAGE" -t "$EXAMPLE_IMAGE" "$REPO/images/example" >"$CACHE/example-build.log" 2>&1 \
@@ -212,6 +231,7 @@ build_example() {
     if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$EXAMPLE_IMAGE")" ]; then
         docker rmi "$previous" >/dev/null 2>&1 || true
     fi
+    unlock
     say "built $EXAMPLE_IMAGE (code baked in; run: docker run --rm -p 127.0.0.1:8080:8000 $EXAMPLE_IMAGE)"
 }
 
@@ -228,11 +248,13 @@ demo_stop() {
 
 demo() {
     build
+    lock
     demo_stop
     docker run -d --name "$DEMO_NAME" --label supervise.demo=1 \
         -v "$REPO/images/example/app:/app:ro" \
         -p "127.0.0.1:$DEMO_PORT:8000" -p "127.0.0.1:$DEMO_HEALTH_PORT:8001" \
         "$IMAGE" app:application >/dev/null
+    unlock
     local end=$((SECONDS + 30))
     until "$(host_python)" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$DEMO_HEALTH_PORT/health', timeout=1)" 2>/dev/null; do
         if [ "$(docker container inspect -f '{{.State.Running}}' "$DEMO_NAME")" != true ] || [ $SECONDS -ge $end ]; then
@@ -251,25 +273,63 @@ supervise demo is up: http://127.0.0.1:$DEMO_PORT/   (health: http://127.0.0.1:$
 MSG
 }
 
-lock() {  # one build at a time per cache dir (tests and people may run this concurrently)
-    mkdir -p "$CACHE"
-    exec 9>"$CACHE/.lock"
-    if ! flock --nonblock 9; then
-        say "waiting for another scripts/image.sh run to finish"
-        flock --timeout 900 9 || die "timed out waiting for $CACHE/.lock"
-    fi
+# ----------------------------------------------------------------------------- lock
+# One build at a time per cache dir (tests and people may run this concurrently).  The lock is
+# held on fd 9 of this shell only around the build steps; the engine is started before it
+# (with fd 9 closed), so no daemon can inherit it.
+
+lock_openers() {  # pids with the lock file open (holders and waiters), this shell excluded
+    find /proc/[0-9]*/fd -maxdepth 1 -lname "$LOCKFILE" 2>/dev/null | cut -d/ -f3 | sort -un | grep -vx "$$" || true
 }
 
-case "${1:-build}" in
-    build|base|wheels|example|demo) lock ;;
-esac
+describe_pid() {
+    local args
+    args="$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | cut -c1-80)"
+    printf 'pid %s (%s)' "$1" "${args% }"
+}
+
+is_image_run() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q 'image\.sh'; }
+
+lock() {
+    mkdir -p "$CACHE"
+    exec 9>"$LOCKFILE"
+    flock --nonblock 9 && return 0
+    exec 9>&-
+    local t0=$EPOCHREALTIME end=$((SECONDS + LOCK_TIMEOUT)) strays=0 waited="" pids pid runs others
+    while :; do
+        pids="$(lock_openers)"
+        runs=""; others=""
+        for pid in $pids; do
+            if is_image_run "$pid"; then runs+="${runs:+, }$(describe_pid "$pid")"; else others+="${others:+, }$(describe_pid "$pid")"; fi
+        done
+        if [ -n "$pids" ] && [ -z "$runs" ]; then
+            # Held, and by no scripts/image.sh run: a process inherited the lock and will hold it
+            # as long as it lives.  Waiting would only time out.
+            strays=$((strays + 1))
+            [ "$strays" -ge 3 ] && die "$LOCKFILE is held by $others, which is not a scripts/image.sh run: it inherited the lock from a build; stop that process (or set SUPERVISE_CACHE)"
+        else
+            strays=0
+        fi
+        [ "$SECONDS" -lt "$end" ] || die "timed out after ${LOCK_TIMEOUT} s waiting for $LOCKFILE (held by ${runs:-?}${others:+, $others})"
+        [ -n "$waited" ] || { say "waiting for another scripts/image.sh run to finish (lock held by ${runs:-${others:-?}})"; waited=1; }
+        sleep 0.5
+        exec 9>"$LOCKFILE"
+        flock --nonblock 9 && { say "build lock acquired after $(since "$t0") s"; return 0; }
+        exec 9>&-
+    done
+}
+
+unlock() { exec 9>&-; }
+
 case "${1:-build}" in
     build) build ;;
-    base) "$REPO/scripts/docker-engine.sh"; ensure_base ;;
-    wheels) ensure_wheels ;;
+    engine) engine ;;
+    base) engine; lock; ensure_base; unlock ;;
+    minbase) engine; lock; ensure_minbase; unlock ;;
+    wheels) lock; ensure_wheels; unlock ;;
     example) build_example ;;
     demo) demo ;;
     demo-stop) demo_stop ;;
-    -h|--help|help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d'  | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command ${1}; see scripts/image.sh --help" ;;
 esac

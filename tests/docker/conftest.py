@@ -7,6 +7,8 @@ start fails these tests loudly; they are never skipped.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.docker import helpers
@@ -25,13 +27,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.docker)
 
 
+def terminal_line(config: pytest.Config):
+    """A function that prints one line on the terminal at once, past pytest's output capture
+    (session fixtures run with it on): long steps say what they do while they do it."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:
+        if reporter is None or capture is None:
+            print(line, file=sys.__stderr__, flush=True)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+            reporter.flush()
+
+    return write
+
+
 @pytest.fixture(scope="session")
-def image() -> str:
-    """The supervise image, built (or found up to date) by scripts/image.sh build."""
+def image(pytestconfig: pytest.Config) -> str:
+    """The supervise image, built (or found up to date) by scripts/image.sh build; its steps
+    (engine, base image, wheelhouse, docker build) are printed live, each with its duration."""
+    say = terminal_line(pytestconfig)
+    say(f"[docker] scripts/image.sh build: engine, base image, wheelhouse, {helpers.IMAGE} "
+        "(cold: about 2 minutes; each step below with its time)")
     try:
-        helpers.build_image()
+        seconds = helpers.build_image(on_line=lambda line: say(f"[docker]   {line}"))
     except helpers.BuildError as exc:
         pytest.fail(str(exc), pytrace=False)
+    say(f"[docker] image {helpers.IMAGE} ready in {seconds:.1f} s")
     return helpers.IMAGE
 
 
