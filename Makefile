@@ -1,25 +1,34 @@
-# supervise: every target works on a fresh machine (it installs what it needs).
+# supervise: every target works on a fresh Debian machine once the README's apt-get line has run
+# (scripts/lib/prereqs.sh checks it and says what to install); the rest installs itself.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8000
+HEALTH_PORT ?= $(shell expr $(PORT) + 1)
 
-.PHONY: install demo test test-fast soak bench bench-quick image image-demo docs clean
+.PHONY: check-prereqs install demo test test-fast soak bench bench-quick image image-demo docs clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+# make, python3 >= 3.11 with venv/ensurepip, procps: one line naming the apt-get command if not.
+check-prereqs:
+	@PYTHON='$(PYTHON)' bash scripts/lib/prereqs.sh check
 
-install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml | check-prereqs
+	@echo "install: $(VENV) with supervise and its test dependencies (first time: about a minute)"
+	@t0=$$(date +%s) && $(PYTHON) -m venv $(VENV) \
+		&& $(PY) -m pip install -q --upgrade pip \
+		&& $(PY) -m pip install -q -e '.[test]' \
+		&& echo "install: done in $$(( $$(date +%s) - t0 )) s"
+	@touch $@
 
-# The main job: the demo app under supervise (no Consul needed).
+install: check-prereqs $(VENV)/.installed
+
+# The main job: the demo app under supervise (no Consul needed). PORT=9000 make demo (or
+# make demo PORT=9000) serves on 9000, health on PORT+1 (HEALTH_PORT= to choose it).
 demo: install
-	@echo "supervise demo: http://127.0.0.1:$(PORT)/  (health: http://127.0.0.1:$$(($(PORT)+1))/health)"
-	@echo "  reload:  edit examples/hello/app.py, or: kill -HUP <master pid>     stop: Ctrl-C"
-	$(VENV)/bin/supervise app --chdir examples/hello --bind 127.0.0.1:$(PORT) \
-		--health-bind 127.0.0.1:$$(($(PORT)+1)) --workers 2 --log-format console
+	@echo "supervise demo: http://127.0.0.1:$(PORT)/  (health: http://127.0.0.1:$(HEALTH_PORT)/health)"; \
+	echo "  reload:  edit examples/hello/app.py, or: kill -HUP $$$$     stop: Ctrl-C"; \
+	exec $(VENV)/bin/supervise app --chdir examples/hello --bind 127.0.0.1:$(PORT) \
+		--health-bind 127.0.0.1:$(HEALTH_PORT) --workers 2 --log-format console
 
 # The whole suite: unit, HTTP, lifecycle, PID 1, reload, watcher, Consul (real agent) and
 # Docker (real engine) tests.
@@ -46,10 +55,12 @@ bench-quick: install
 	bash bench/setup.sh
 	$(PY) bench/run.py --quick $(BENCH_ARGS)
 
-image:
+# The container image (engine, base image, wheelhouse: each step printed with its time; the
+# wheelhouse is built with the venv's pip).
+image: install
 	bash scripts/image.sh build
 
-image-demo:
+image-demo: install
 	bash scripts/image.sh demo
 
 docs: install
