@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from supervisor import logs, proc, settings, sockets
@@ -17,11 +18,17 @@ from supervisor.settings import Config, ConfigError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_CONFIG, EXIT_BOOT, EXIT_BIND, EXIT_KV = 0, 1, 2, 3, 4, 5
 DOCKER_STOP_TIMEOUT = 10.0
+CONTROL_COMMANDS = ("status", "reload", "stop", "workers")  # supervisor.control
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in CONTROL_COMMANDS:  # an app module of that name: write MODULE:CALLABLE
+        from supervisor import control
+
+        return control.main(args, os.environ)
     try:
-        config = settings.resolve(sys.argv[1:] if argv is None else argv, os.environ)
+        config = settings.resolve(args, os.environ)
         _validate(config)
     except ConfigError as exc:
         logs.error_line(str(exc))
@@ -69,7 +76,7 @@ def _run(config: Config, log: Any) -> int:
     from supervisor.master.loop import Master  # after config: keep `--help` and errors fast
 
     subreaper = proc.become_subreaper()
-    log.info("started", version=settings._version(), app=config.app, workers=config.workers,
+    log.info("started", version=settings.version(), app=config.app, workers=config.workers,
              threads=config.threads, pid1=os.getpid() == 1, subreaper=subreaper)
     if not subreaper:
         log.warning("not_a_subreaper", why="prctl(PR_SET_CHILD_SUBREAPER) failed: orphans of the app "
@@ -84,19 +91,20 @@ def _run(config: Config, log: Any) -> int:
         log.warning("every_peer_trusted", setting="--forwarded-allow-ips *",
                     why="any client can then set REMOTE_ADDR, the scheme and the host with forwarding headers; "
                         "list the proxies' addresses instead")
-    listeners, advertise_port = _bind_all(config, log)
-    health = None
-    health_url = None
-    if config.health_bind:
-        address = sockets.parse_address(config.health_bind)
-        health = sockets.bind(address, 64)
-        real = sockets.bound_address(health, address)
-        log.info("health_bound", address=str(real))
-        host = real.host if real.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        health_url = f"http://{config.consul_address or host}:{real.port}/health"
+    listening = _listen(config, log)
     env = _initial_env(config, log)
-    master = Master(config, listeners, health, env, _helpers(config, advertise_port, health_url))
+    if config.pid_file:
+        error = proc.write_pid_file(config.pid_file)
+        if error is not None:
+            logs.error_line(error)
+            return EXIT_CONFIG
+    master = Master(config, listening.http, listening.health, env,
+                    _helpers(config, listening.port, listening.health_url))
     result = master.run()
+    if config.pid_file:
+        proc.remove_pid_file(config.pid_file)
+    for path in listening.unix_paths:
+        sockets.unlink_socket_file(path)
     if result.code == EXIT_BOOT:
         logs.error_line(f"the app cannot boot: {result.reason}")
     return result.code
@@ -122,13 +130,48 @@ def _helpers(config: Config, advertise_port: int, health_url: str | None) -> dic
     return helpers
 
 
-def _bind_all(config: Config, log: Any) -> tuple[list[socket.socket], int]:
+@dataclass
+class _Listening:
+    http: list[socket.socket]
+    port: int  # the first HTTP listener's: the one advertised to Consul
+    unix_paths: list[str]  # socket files bound here (removed at exit; inherited ones are not ours)
+    health: socket.socket | None = None
+    health_url: str | None = None
+
+
+def _listen(config: Config, log: Any) -> _Listening:
+    """Bind --bind and --health-bind, or adopt the sockets systemd passed (LISTEN_FDS; one named
+    `health` serves the health endpoint unless --health-bind is set)."""
+    inherited, names = sockets.systemd_listeners(os.environ, os.getpid())
+    health_address = config.health_bind
+    if health_address is None:
+        health_address = next((f"fd://{fd}" for fd, name in names.items() if name == "health"), None)
+    binds = [f"fd://{fd}" for fd in inherited if names.get(fd) != "health"] or list(config.bind)
+    if inherited:
+        log.info("socket_activation", fds=inherited, names=[names.get(fd, "") for fd in inherited])
+        if config.bind != settings.default_of("bind"):
+            log.warning("bind_ignored", bind=list(config.bind),
+                        why="LISTEN_FDS: serving on the sockets systemd passed instead")
+    http, port = _bind_all(binds, config.backlog, log)
+    unix_paths = [a.host for a in map(sockets.parse_address, binds) if a.family == socket.AF_UNIX]
+    listening = _Listening(http, port, unix_paths)
+    if health_address:
+        address = sockets.parse_address(health_address)
+        listening.health = sockets.bind(address, 64)
+        real = sockets.bound_address(listening.health, address)
+        log.info("health_bound", address=str(real))
+        host = real.host if real.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        listening.health_url = f"http://{config.consul_address or host}:{real.port}/health"
+    return listening
+
+
+def _bind_all(binds: list[str], backlog: int, log: Any) -> tuple[list[socket.socket], int]:
     listeners: list[socket.socket] = []
     port = 0
     try:
-        for text in config.bind:
+        for text in binds:
             address = sockets.parse_address(text)
-            sock = sockets.bind(address, config.backlog, defer_accept=True)
+            sock = sockets.bind(address, backlog, defer_accept=True)
             real = sockets.bound_address(sock, address)
             port = port or real.port
             listeners.append(sock)

@@ -218,5 +218,32 @@ def send_signal(pid: int, sig: int) -> None:
         pass
 
 
+def write_pid_file(path: str) -> str | None:
+    """Write this process's pid (atomically: a reader never sees half a number).  The error,
+    in one line, if it cannot."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return f"cannot write --pid-file {path}: {exc.strerror}"
+    return None
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file if it still names this process (not a successor's)."""
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
+
+
 def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True)

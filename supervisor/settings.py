@@ -258,9 +258,10 @@ class Config:
     # ---------------------------------------------------------------- server
     bind: tuple[str, ...] = setting(
         parse_bind, ("127.0.0.1:8000",),
-        "Address to listen on (repeatable): HOST:PORT, [IPv6]:PORT or unix:/path. Port 0 picks a free port; "
-        "the real one is logged in the `bound` event. Bound once by the master and inherited by every "
-        "generation.", "Server", flags=("-b", "--bind"), multiple=True, metavar="ADDRESS")
+        "Address to listen on (repeatable): HOST:PORT, [IPv6]:PORT, unix:/path or fd://N (a listening "
+        "socket passed by the parent). Port 0 picks a free port; the real one is logged in the `bound` "
+        "event. Bound once by the master and inherited by every generation. Ignored when systemd passes "
+        "sockets (LISTEN_FDS).", "Server", flags=("-b", "--bind"), multiple=True, metavar="ADDRESS")
     backlog: int = setting(positive_int, 2048, "Listen queue length of each bound socket.", "Server",
                            metavar="N")
     workers: int = setting(positive_int, usable_cpus, "Number of worker processes per generation.", "Server",
@@ -371,8 +372,15 @@ class Config:
     health_bind: str | None = setting(
         parse_bind, None,
         "Address of the master's health endpoint (GET /health: 200 while a generation is ready, 503 once "
-        "shutdown begins; JSON state). Used by Docker HEALTHCHECK and Consul HTTP checks.", "Lifecycle",
-        metavar="ADDRESS")
+        "shutdown begins; JSON state; GET /metrics: Prometheus). Used by Docker HEALTHCHECK, Consul HTTP "
+        "checks, Prometheus and `supervise status|reload|workers`. fd://N: a socket passed by the parent.",
+        "Lifecycle", metavar="ADDRESS")
+    pid_file: str | None = setting(
+        path_value, None, "Write the master's pid to this file at start (removed at exit), for "
+        "`supervise reload|stop|workers` and other tools.", "Lifecycle", metavar="PATH")
+    no_metrics: bool = setting(
+        boolean, False, "Do not count requests for GET /metrics (it then answers 404).", "Lifecycle",
+        switch=True)
     # ---------------------------------------------------------------- watch
     watch: tuple[str, ...] = setting(
         path_value, (), "Directory to watch for code changes (repeatable). Defaults to --chdir when one is "
@@ -458,6 +466,10 @@ class Config:
 SETTINGS: tuple[Setting, ...] = tuple(Setting(name=f.name, **f.metadata[_SETTING]) for f in fields(Config))
 
 
+def default_of(name: str) -> Any:
+    return next(s for s in SETTINGS if s.name == name).default_value()
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -476,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         "5 required Consul KV unreadable.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"supervise {_version()}")
+    parser.add_argument("--version", action="version", version=f"supervise {version()}")
     groups: dict[str, Any] = {}
     for s in SETTINGS:
         group = groups.setdefault(s.section, parser.add_argument_group(s.section))
@@ -493,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
+def version() -> str:
     try:
         from importlib.metadata import version
 
@@ -511,23 +523,36 @@ def _convert(s: Setting, raw: Any, origin: str) -> Any:
     return values if s.multiple else values[0]
 
 
+def _value(s: Setting, raw: Any, environ: Mapping[str, str]) -> Any:
+    """A setting's value: from its flag (raw), else its environment variable, else its default."""
+    if raw is not None:
+        return _convert(s, raw, s.flags[-1] if s.flags else s.metavar or s.name)
+    env_name = next((e for e in s.env if environ.get(e, "") != ""), None)
+    if env_name is None:
+        return s.default_value()
+    raw_env = environ[env_name]
+    if s.multiple:
+        raw_env = [part.strip() for part in raw_env.split(",") if part.strip()]
+    return _convert(s, raw_env, env_name)
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Some settings' flags on another command's parser (`supervise status` and the others)."""
+    for s in SETTINGS:
+        if s.name in names:
+            parser.add_argument(*s.flags, dest=s.name, metavar=s.metavar, default=None,
+                                help=f"{s.help} [env: {', '.join(s.env)}]".replace("%", "%%"))
+
+
+def values_of(ns: argparse.Namespace, names: Sequence[str], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Those settings' values, resolved as for the master (flag, environment, default)."""
+    return {s.name: _value(s, getattr(ns, s.name), environ) for s in SETTINGS if s.name in names}
+
+
 def resolve(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Turn command line and environment into a `Config`, or raise ConfigError."""
     ns = build_parser().parse_args(list(argv))
-    values: dict[str, Any] = {}
-    for s in SETTINGS:
-        raw = getattr(ns, s.name)
-        if raw is not None:
-            values[s.name] = _convert(s, raw, s.flags[-1] if s.flags else s.metavar or s.name)
-            continue
-        env_name = next((e for e in s.env if environ.get(e, "") != ""), None)
-        if env_name is not None:
-            raw_env = environ[env_name]
-            if s.multiple:
-                raw_env = [part.strip() for part in raw_env.split(",") if part.strip()]
-            values[s.name] = _convert(s, raw_env, env_name)
-        else:
-            values[s.name] = s.default_value()
+    values = {s.name: _value(s, getattr(ns, s.name), environ) for s in SETTINGS}
     if not values["app"]:
         raise ConfigError("missing APP: give MODULE or MODULE:CALLABLE (see supervise --help)")
     for s in SETTINGS:

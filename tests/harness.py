@@ -149,7 +149,7 @@ class Supervise:
 
     def __init__(self, args: Iterable[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
                  port: int | None = None, prefix: Iterable[str] = (), health: bool = False,
-                 inject: Iterable[str] = ()) -> None:
+                 inject: Iterable[str] = (), pass_fds: Iterable[int] = ()) -> None:
         """`inject`: names of tests/inject.py patches to run supervise with."""
         self.port = port or free_port()
         self.health_port = free_port() if health else None
@@ -157,7 +157,7 @@ class Supervise:
         inject = list(inject)
         command = [sys.executable, "-m", "tests.inject", ",".join(inject), "--"] if inject else SUPERVISE
         argv = [*prefix, *command, *args]
-        if "--bind" not in args and "-b" not in args:
+        if "--bind" not in args and "-b" not in args and not pass_fds:
             argv += ["--bind", f"127.0.0.1:{self.port}"]
         if health:
             argv += ["--health-bind", f"127.0.0.1:{self.health_port}"]
@@ -167,7 +167,8 @@ class Supervise:
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     pass_fds=tuple(pass_fds))
         self.stderr = ""
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]

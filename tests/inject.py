@@ -220,6 +220,22 @@ def _take(path: Path) -> bool:
         return False
 
 
+def scale_down_kills() -> None:
+    """Negative control for live scaling: a removed slot's worker is killed, not drained."""
+    from supervisor.lifecycle.pool import Pool
+
+    resize = Pool.resize
+
+    def patched(self: Pool, now: float, count: int, why: str) -> None:
+        before = {s.index: s.serving for s in self.slots}
+        resize(self, now, count, why)
+        for index, pid in before.items():
+            if index > len(self.slots) and pid in self.workers:
+                self._kill(self.workers[pid], "scaled down (killed)")
+
+    Pool.resize = patched  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "retire-early": retire_early,
     "handoff-gate": handoff_gate,
@@ -236,6 +252,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "idle-no-peek": idle_no_peek,
     "unsolicited-response": unsolicited_response,
     "no-response-validation": no_response_validation,
+    "scale-down-kills": scale_down_kills,
 }
 
 

@@ -18,7 +18,7 @@ At the same time, for the whole duration:
   * bursts of idle connections that run the workers out of descriptors (RLIMIT_NOFILE 512);
   * a request that crashes its worker (os._exit), every few seconds;
   * a request that holds a worker's loop (--threads 1) longer than the keep-alive timeout;
-  * stray signals to the master (ALRM, PROF, VTALRM, XCPU, USR1, IO, a real-time signal, TTIN);
+  * stray signals to the master (ALRM, PROF, VTALRM, XCPU, USR1, IO, a real-time signal, WINCH);
   * the master paused (SIGSTOP) for longer than --worker-timeout, then continued;
   * a reload (SIGHUP, new code) every few seconds;
   * an absurd --workers given to a second supervise, which must refuse it;
@@ -207,7 +207,7 @@ def busy_loop(sv: Supervise) -> Callable[[threading.Event], None]:
     return act
 
 
-STRAY = ["SIGALRM", "SIGPROF", "SIGVTALRM", "SIGXCPU", "SIGUSR1", "SIGIO", "SIGTTIN"]
+STRAY = ["SIGALRM", "SIGPROF", "SIGVTALRM", "SIGXCPU", "SIGUSR1", "SIGIO", "SIGWINCH"]
 
 
 def stray_signals(sv: Supervise) -> Callable[[threading.Event], None]:

@@ -39,7 +39,7 @@ PAUSE_SLACK = 1.0  # run this much later than the deadline it promised, the mast
 HEARTBEAT_STALE = 3.0  # a serving worker silent this long is busy in a request (or hung)
 IGNORED_LOG_INTERVAL = 10.0  # an ignored signal is logged at most once per interval, with a count
 GRACEFUL_SIGNALS = ("SIGTERM", "SIGINT", "SIGPWR")
-RESERVED_SIGNALS = ("SIGTTIN", "SIGTTOU")  # live scaling (the operations issue)
+SCALE_SIGNALS = {"SIGTTIN": 1, "SIGTTOU": -1}  # live scaling: one worker more, one fewer
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ class Lifecycle:
             self._steps(self.shutdown.stop(now, name, registered), now)
         elif name == "SIGQUIT":
             self._steps(self.shutdown.fast(now, name, "fast shutdown requested"), now)
+        elif name in SCALE_SIGNALS:
+            self.pool.resize(now, len(self.pool.slots) + SCALE_SIGNALS[name], name)
         elif name != "SIGCHLD":
             self._ignore_signal(name, now)
 
@@ -145,8 +147,6 @@ class Lifecycle:
         fields: dict[str, object] = {"signal": name}
         if suppressed:
             fields["not_logged"] = suppressed
-        if name in RESERVED_SIGNALS:
-            fields["why"] = "reserved for live scaling"
         self._log("signal_ignored", **fields)
 
     def _said(self, event: Said, now: float) -> None:

@@ -127,6 +127,7 @@ class PoolLimits:
     max_requests: int = 0
     max_requests_jitter: int = 0
     boot_concurrency: int = 8  # most workers importing the app at once: a fork storm never starves the loop
+    max_workers: int = 0  # live scaling stops here (0: at `workers`)
 
 
 @dataclass(frozen=True)
@@ -217,9 +218,48 @@ class Pool:
         if booting and supersede and not booting.first:
             self._abandon(now, booting, GenState.SUPERSEDED, f"superseded by a newer reload ({reason})")
 
+    def resize(self, now: float, count: int, why: str) -> None:
+        """Live scaling: serve with `count` workers from now on, through reloads too (a
+        generation has one worker per slot).  New slots boot and accept as soon as they are
+        ready; removed slots' workers drain (a booting one is killed: it never accepted)."""
+        if self.retiring:
+            return
+        limit = self.limits.max_workers or self.limits.workers
+        wanted = min(max(count, 1), limit)
+        before = len(self.slots)
+        fields: dict[str, object] = {"from": before, "to": wanted, "why": why}
+        if wanted != count:
+            fields["limit"] = limit if count > limit else 1
+        if wanted == before:
+            self._emit(Log("workers_not_scaled", fields, Level.WARNING))
+            return
+        self._emit(Log("workers_scaled", fields, Level.INFO))
+        booting = self.starting_generation()
+        serving = self.serving_generation()
+        for index in range(before + 1, wanted + 1):
+            slot = Slot(index, spawn_at=now, generation=serving.number if serving else 0)
+            self.slots.append(slot)
+            if booting is not None and not booting.rolling:
+                slot.spawn_at, slot.generation = None, booting.number
+                self._spawn(booting.number, index)  # the reload's generation gets every slot
+            elif booting is not None and booting.first:
+                slot.generation = booting.number
+        for slot in self.slots[wanted:]:
+            if slot.serving is not None:
+                self._drain(now, self.workers[slot.serving])
+            self._spawning.discard(slot.index)
+            self._stale.discard(slot.index)
+        del self.slots[wanted:]
+        self._queue = [(g, s) for g, s in self._queue if s <= wanted]
+        for w in list(self.workers.values()):
+            if w.slot > wanted and w.state in BOOTING:
+                self._kill(w, "scaled down")
+
     def spawn_failed(self, now: float, generation: int, slot: int, error: str) -> None:
         """fork() itself failed (out of memory, pid limit): retry that slot with backoff."""
         self._spawning.discard(slot)
+        if slot > len(self.slots):
+            return  # scaled down since
         s = self.slots[slot - 1]
         s.failures += 1
         s.spawn_at = now + WORKER_RESPAWN.delay(s.failures)
@@ -231,9 +271,11 @@ class Pool:
         self._spawning.discard(slot)
         jitter = self.limits.max_requests_jitter
         limit = self.limits.max_requests + (self._rng.randint(0, jitter) if jitter else 0)
-        self.workers[pid] = Worker(pid, generation, slot, now, now,
-                                   max_requests=limit if self.limits.max_requests else 0)
+        w = self.workers[pid] = Worker(pid, generation, slot, now, now,
+                                       max_requests=limit if self.limits.max_requests else 0)
         self._emit(Log("worker_spawned", {"worker": slot, "generation": generation, "worker_pid": pid}))
+        if slot > len(self.slots):
+            self._kill(w, "scaled down")
 
     def ready(self, now: float, pid: int, code: str = "") -> None:
         w = self.workers.get(pid)
@@ -323,6 +365,8 @@ class Pool:
         self._emit(Log("worker_exited", fields, Level.INFO if expected else Level.WARNING))
         reason = _exit_reason(w)
         self.exits[reason] = self.exits.get(reason, 0) + 1
+        if w.slot > len(self.slots):
+            return True  # its slot was scaled away
         slot = self.slots[w.slot - 1]
         if slot.serving == pid:
             slot.serving = None

@@ -41,6 +41,7 @@ class _Client:
         self.parser = httptools.HttpRequestParser(self.request)
         self.deadline = now + TIMEOUT
         self.size = 0
+        self.out = b""  # the response, while the client's socket buffer cannot take all of it
 
 
 Snapshot = Callable[[], tuple[bool, dict[str, Any]]]
@@ -120,11 +121,24 @@ class HealthServer:
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}[status]
         data = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + (b"" if head else payload)
+        client.out = data
+        self._write(client)
+
+    def _write(self, client: _Client) -> None:
+        """Send what the socket takes; the rest when it is writable again (a large scrape to a
+        slow reader must not block the master), all within the client's deadline."""
         try:
-            client.sock.sendall(data)  # into an empty socket buffer: one send, or a few for a large scrape
+            sent = client.sock.send(client.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
-            pass
-        self._close(client)
+            self._close(client)
+            return
+        client.out = client.out[sent:]
+        if not client.out:
+            self._close(client)
+        else:
+            self.sel.modify(client.sock, selectors.EVENT_WRITE, lambda mask: self._write(client))
 
     def _close(self, client: _Client) -> None:
         if self.clients.pop(client.sock, None) is None:

@@ -38,10 +38,11 @@ from supervisor.lifecycle import view
 from supervisor.master.health import HealthServer
 from supervisor.master.helpers import HelperMain, fork_helper, stop_helper
 from supervisor.master.metrics import Metrics
-from supervisor.settings import Config, usable_cpus
+from supervisor.settings import Config, usable_cpus, version
 from supervisor.worker import main as worker
 from supervisor.worker.spec import RequestLimits, WorkerSpec
 
+VERSION = version()
 EXIT_GRACE = 2.0  # how long the exiting master waits for killed children before leaving
 STACK_WAIT = 0.5  # how long a stuck worker gets to write its stacks before SIGKILL
 DESCENDANT_GRACE = 1.0  # then: TERM to what the app left behind, KILL after this long
@@ -54,7 +55,7 @@ def plan_from(config: Config, watcher: bool) -> Plan:
             workers=config.workers, boot_timeout=config.boot_timeout, graceful_timeout=config.graceful_timeout,
             worker_timeout=config.worker_timeout, rolling=config.reload_strategy == "rolling",
             max_requests=config.max_requests, max_requests_jitter=config.max_requests_jitter,
-            boot_concurrency=max(8, 4 * usable_cpus())),
+            boot_concurrency=max(8, 4 * usable_cpus()), max_workers=config.max_workers),
         shutdown=ShutdownTimes(withdraw_timeout=config.consul_timeout + WITHDRAW_MARGIN,
                                drain_delay=config.consul_drain_delay),
         watcher=watcher, debounce=config.watch_debounce,
@@ -76,8 +77,8 @@ class Master:
         self.lifeline = proc.Lifeline()
         self.dumps: dict[int, int] = {}  # worker pid -> read end of its stack-dump pipe
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.metrics = Metrics(self.core, listeners, _rss)
-        self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic, self.metrics.render)
+        metrics = None if config.no_metrics else Metrics(self.core, listeners, _rss).render
+        self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic, metrics)
                        if health is not None else None)
 
     # ------------------------------------------------------------------ loop
@@ -284,8 +285,7 @@ class Master:
         if left:
             self.log.info("descendants_terminated", count=left)
         for sock in self.listeners:
-            _unlink_unix(sock)
-            sock.close()
+            sock.close()  # the unix socket files the master bound are removed by its caller
         if self.health is not None:
             self.health.close()
         if action.code == 0:
@@ -293,7 +293,8 @@ class Master:
         return action
 
     def _snapshot(self) -> tuple[bool, dict[str, Any]]:
-        return view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss)
+        healthy, body = view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss)
+        return healthy, {"version": VERSION, **body}
 
 
 def _wake_only(signum: int, frame: Any) -> None:
@@ -312,11 +313,3 @@ def _has_children() -> bool:
         return bool(psutil.Process().children())
     except psutil.Error:
         return False
-
-
-def _unlink_unix(sock: socket.socket) -> None:
-    if sock.family == socket.AF_UNIX:
-        try:
-            os.unlink(sock.getsockname())
-        except OSError:
-            pass
