@@ -42,6 +42,7 @@ class Ready(Message):
 
     kind: ClassVar[str] = "ready"
     code: str = ""
+    capacity: int = 0  # requests it can serve at once (0: --threads); an ASGI worker's is its concurrency
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,17 @@ class StartAccepting(Message):
     """The worker's generation is swapped in: accept connections."""
 
     kind: ClassVar[str] = "accept"
+
+
+@dataclass(frozen=True)
+class Draining(Message):
+    """Sent just before the SIGTERM that drains a worker: why it drains.  "shutdown" (supervise
+    stops), "reload" (a newer generation serves), "recycle" (--max-requests, --max-rss, a
+    request timeout) or "scale" (live scaling).  WebSockets close with 1001 on a shutdown and
+    1012 (service restart: reconnect) otherwise."""
+
+    kind: ClassVar[str] = "draining"
+    why: str = "shutdown"
 
 
 @dataclass(frozen=True)
@@ -233,7 +245,7 @@ class Withdrawn(Message):
 
 KINDS: dict[str, type[Message]] = {
     cls.kind: cls for cls in (
-        Ready, BootError, Beat, RequestTimedOut, Handoff, StartAccepting, Adopt, Watching, Changed, Retarget,
+        Ready, BootError, Beat, RequestTimedOut, Handoff, StartAccepting, Draining, Adopt, Watching, Changed, Retarget,
         HelperWarning, HelperFailing, Register, Alive, Note, Withdraw, Registered, ConsulDown,
         ConsulUp, KVChanged, Withdrawn)
 }

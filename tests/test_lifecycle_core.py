@@ -238,7 +238,7 @@ def test_memory_over_max_rss_recycles_through_ready_before_retire():
     new = [p for p in sim.pids_of(1) if p != pid][0]
     sim.pool.ready(sim.now, new)
     actions = sim.step()
-    assert actions.index(Drain(pid)) < actions.index(Accept(new))
+    assert actions.index(Drain(pid, "recycle")) < actions.index(Accept(new))
 
 
 def test_a_worker_whose_channel_broke_is_killed_and_replaced():
@@ -381,3 +381,13 @@ def test_code_that_changes_while_a_generation_boots_supersedes_it():
     assert sim.pool.generations[2].state == "superseded" and sim.pool.pending is not None
     actions = sim.exit_all([a, b])
     assert [s for s in actions if isinstance(s, Spawn)] == [Spawn(3, 1), Spawn(3, 2)]
+
+
+def test_each_drain_says_why_so_websockets_can_close_with_the_right_code():
+    sim = running(2)
+    sim.reload()
+    actions = sim.ready_all(2)
+    assert sorted(a.why for a in actions if isinstance(a, Drain)) == ["reload", "reload"]
+    actions = sim.signal("SIGTERM")
+    actions += sim.advance_to_next_deadline()  # past the Consul-less drain delay, if any
+    assert {a.why for a in sim.log if isinstance(a, Drain)} == {"reload", "shutdown"}

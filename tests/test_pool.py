@@ -212,7 +212,7 @@ def test_max_requests_recycles_through_ready_before_retire():
     new = [p for p in sim.pids_of(1) if p != old][0]
     sim.pool.ready(sim.now, new)
     actions = sim.step()
-    assert actions.index(Drain(old)) < actions.index(Accept(new))
+    assert actions.index(Drain(old, "recycle")) < actions.index(Accept(new))
 
 
 def test_rolling_reload_never_exceeds_workers_plus_one():

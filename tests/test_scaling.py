@@ -28,7 +28,7 @@ def test_ttou_drains_the_last_worker_and_the_rest_keep_serving():
     sim = running(3, max_workers=4)
     last = sim.pool.slots[2].serving
     actions = sim.signal("SIGTTOU")
-    assert [a for a in actions if isinstance(a, Drain)] == [Drain(last)]
+    assert [a for a in actions if isinstance(a, Drain)] == [Drain(last, "scale")]
     assert len(sim.pool.slots) == 2 and len(sim.pool.serving_workers()) == 2
     actions = sim.exit(last)  # it finished its requests
     assert not spawns(actions), "a slot scaled away is not refilled"
@@ -78,7 +78,7 @@ def test_scaling_down_during_a_reload_kills_the_removed_slots_replacement_and_dr
     sim.reload()
     booting = {w.slot: w.pid for w in sim.pool.workers.values() if w.generation == 2}
     actions = sim.signal("SIGTTOU")
-    assert Kill(booting[3], "scaled down") in actions and Drain(old_last) in actions
+    assert Kill(booting[3], "scaled down") in actions and Drain(old_last, "scale") in actions
     sim.exit(booting[3], "signal 9 (SIGKILL)")
     sim.ready_all(2)
     assert sim.serving() == 2, "the reload still completes with the smaller count"

@@ -35,9 +35,11 @@ class Accept:
 
 @dataclass(frozen=True)
 class Drain:
-    """SIGTERM a worker: stop accepting, finish in-flight requests, exit."""
+    """SIGTERM a worker: stop accepting, finish in-flight requests, exit.  `why`: see
+    proto.Draining."""
 
     pid: int
+    why: str = "shutdown"
 
 
 @dataclass(frozen=True)

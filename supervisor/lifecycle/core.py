@@ -83,7 +83,7 @@ class Lifecycle:
         """Serving workers that can take a request now: their loop answered recently (not stuck
         in a request or hung) and a thread is free."""
         return [w.pid for w in self.pool.serving_workers()
-                if now - w.last_seen <= HEARTBEAT_STALE and w.busy < self.plan.threads]
+                if now - w.last_seen <= HEARTBEAT_STALE and w.busy < (w.capacity or self.plan.threads)]
 
     def can_serve(self, now: float) -> bool:
         """Health: no shutdown has begun and some worker can take a request."""
@@ -162,7 +162,7 @@ class Lifecycle:
                 if message.hist:
                     self.totals.beat(pid, message.counts, message.hist, message.seconds)
             elif isinstance(message, proto.Ready):
-                self.pool.ready(now, pid, message.code)
+                self.pool.ready(now, pid, message.code, message.capacity)
             elif isinstance(message, proto.BootError):
                 self.pool.boot_error(now, pid, message.error)
             elif isinstance(message, proto.RequestTimedOut):

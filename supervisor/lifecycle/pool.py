@@ -88,6 +88,7 @@ class Worker:
     busy: int = 0  # requests in its app threads at the last heartbeat
     kill_reason: str | None = None
     started: int = 0  # requests it handed to the app (its first one is reported at once)
+    capacity: int = 0  # requests it serves at once (0: the plan's threads)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class Pool:
                 slot.generation = booting.number
         for slot in self.slots[wanted:]:
             if slot.serving is not None:
-                self._drain(now, self.workers[slot.serving])
+                self._drain(now, self.workers[slot.serving], "scale")
             self._spawning.discard(slot.index)
             self._stale.discard(slot.index)
         del self.slots[wanted:]
@@ -277,11 +278,11 @@ class Pool:
         if slot > len(self.slots):
             self._kill(w, "scaled down")
 
-    def ready(self, now: float, pid: int, code: str = "") -> None:
+    def ready(self, now: float, pid: int, code: str = "", capacity: int = 0) -> None:
         w = self.workers.get(pid)
         if w is None or w.state != WorkerState.STARTING:
             return
-        w.state, w.ready_at, w.last_seen = WorkerState.READY, now, now
+        w.state, w.ready_at, w.last_seen, w.capacity = WorkerState.READY, now, now, capacity
         self._emit(Log("worker_ready", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
                                         "boot_seconds": round(now - w.spawned_at, 3)}))
         gen = self.generations.get(w.generation)
@@ -491,7 +492,7 @@ class Pool:
             for w in sorted(ready, key=lambda w: w.slot):
                 old = self.slots[w.slot - 1].serving
                 if old is not None:
-                    self._drain(now, self.workers[old])
+                    self._drain(now, self.workers[old], "reload")
                     self.slots[w.slot - 1].serving = None
             for w in sorted(ready, key=lambda w: w.slot):
                 self._swap_in(now, w)
@@ -501,7 +502,8 @@ class Pool:
         slot = self.slots[w.slot - 1]
         old = slot.serving
         if old is not None and old != w.pid:
-            self._drain(now, self.workers[old])
+            leaving = self.workers[old]
+            self._drain(now, leaving, "recycle" if leaving.recycle else "reload")
         slot.serving, slot.generation = w.pid, w.generation
         slot.spawn_at = None
         self._stale.discard(slot.index)
@@ -675,11 +677,11 @@ class Pool:
             self._emit(Log("worker_backoff", {"worker": slot.index, "failures": slot.failures, "delay": delay},
                            Level.WARNING))
 
-    def _drain(self, now: float, w: Worker) -> None:
+    def _drain(self, now: float, w: Worker, why: str) -> None:
         if w.state in LEAVING:
             return
         w.state, w.deadline = WorkerState.DRAINING, now + self.limits.graceful_timeout
-        self._emit(Drain(w.pid))
+        self._emit(Drain(w.pid, why))
 
     def _kill(self, w: Worker, reason: str, dump: bool = False) -> None:
         if w.state == WorkerState.KILLED:
@@ -694,7 +696,7 @@ class Pool:
             if self.retiring == Retire.FAST:
                 self._kill(w, "fast shutdown")
             elif w.state == WorkerState.SERVING:
-                self._drain(now, w)
+                self._drain(now, w, "shutdown")
             elif w.state in BOOTING:
                 self._kill(w, "shutdown before ready")
             elif w.state == WorkerState.DRAINING and w.deadline is not None and now >= w.deadline:

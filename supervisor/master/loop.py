@@ -120,6 +120,7 @@ class Master:
         elif isinstance(action, Accept):
             self._tell(action.pid, proto.StartAccepting())
         elif isinstance(action, Drain):
+            self._tell(action.pid, proto.Draining(action.why), quiet=True)  # the signal is what drains
             proc.send_signal(action.pid, signal.SIGTERM)
         elif isinstance(action, Kill):
             if action.dump and action.pid in self.dumps:
@@ -204,12 +205,13 @@ class Master:
         self._watch_child(pid, chan)
         self._handle(HelperStarted(name, pid))
 
-    def _tell(self, pid: int, message: proto.Message, fd: int | None = None) -> bool:
+    def _tell(self, pid: int, message: proto.Message, fd: int | None = None, quiet: bool = False) -> bool:
+        """Send to a child; a failure is an event (the child is unreachable) unless `quiet`."""
         chan = self.chans.get(pid)
         sent = chan is not None and not chan.closed and chan.send(message, fd)
         if chan is not None and chan.pending:
             self.sel.modify(chan.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_child_cb(pid))
-        if not sent:
+        if not sent and not quiet:
             self._handle(SendFailed(pid))
         return sent
 
