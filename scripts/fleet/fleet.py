@@ -189,7 +189,10 @@ def start_agent(inv: Inventory, dc: str, n: int) -> None:
     nm = vm_names(inv.fleet, dc, n)
     # tmpfs: a restarted agent has lost its state (the instances must register again).
     run(inv, nm["agent"], "consul-agent", ip, CONSUL_IMAGE,
-        [*consul_args(dc, nm["vm"], ip), f"-retry-join={server}", "-retry-interval=1s"],
+        [*consul_args(dc, nm["vm"], ip), f"-retry-join={server}", "-retry-interval=1s",
+         # Send a check's new output (supervise's note on a failed reload) to the catalog at
+         # once, not after the default 5 minutes; status changes are always sent at once.
+         "-hcl", 'check_update_interval = "0s"'],
         hostname=nm["vm"], extra=["--tmpfs", CONSUL_TMPFS, "--restart", "unless-stopped"])
 
 

@@ -1,0 +1,24 @@
+# The fleet demo and its runbook (docs/fleet.md): supervise instances on simulated VMs, each
+# registered with its own VM's Consul agent, behind HAProxy that finds them through Consul DNS,
+# in two WAN-joined datacenters (prod and dev). Included by the Makefile.
+#
+#   make fleet-demo     build the images, start the fleet, print its URLs and commands
+#   make fleet-down     remove its containers, network, volumes and work dir
+#   make test-fleet     the end-to-end fleet tests (tests/fleet, marker `fleet`), ~2-3 min warm
+FLEET_PORT ?= 8090
+FLEET_DCS  ?= prod,dev
+FLEET_VMS  ?= 3
+
+.PHONY: fleet-demo fleet-down fleet-status test-fleet
+
+fleet-demo:
+	bash scripts/fleet.sh up --port $(FLEET_PORT) --dcs $(FLEET_DCS) --vms $(FLEET_VMS)
+
+fleet-down:
+	bash scripts/fleet.sh down
+
+fleet-status:
+	bash scripts/fleet.sh status
+
+test-fleet: install
+	$(PY) -m pytest -q -ra -m fleet tests/fleet
