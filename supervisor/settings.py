@@ -331,6 +331,17 @@ class Config:
         metavar="MODE")
     access_log: bool = setting(boolean, False, "Log one `request` event per request.", "Logging",
                                switch=True)
+    access_log_format: str = setting(
+        choice("json", "combined"), "json",
+        "json: the `request` event (method, path, query, protocol, status, bytes, duration, remote, "
+        "user_agent, referer, request_id). combined: Apache's combined line plus the duration in seconds and "
+        "the request id, written to stdout as it is; values escaped as \\xHH (see docs/operations.md).",
+        "Logging", metavar="FORMAT")
+    no_request_id: bool = setting(
+        boolean, False, "Do not give requests an id. By default the client's X-Request-ID (1-200 printable "
+        "ASCII characters, no space, quote or backslash) or else a fresh one (32 hex digits) is set as "
+        "HTTP_X_REQUEST_ID and supervise.request_id in the environ, sent back as X-Request-ID (unless the app "
+        "sets its own) and logged.", "Logging", switch=True)
     log_level: str = setting(choice("debug", "info", "warning", "error"), "info", "Lowest level logged.",
                              "Logging", metavar="LEVEL")
     log_format: str = setting(

@@ -29,7 +29,7 @@ def retire_early() -> None:
         gen = new_generation(self, now, reason, env)
         for slot in self.slots:
             if slot.serving is not None:
-                self._drain(now, self.workers[slot.serving])
+                self._drain(now, self.workers[slot.serving], "reload")
                 slot.serving = None
         return gen
 

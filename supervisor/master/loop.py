@@ -151,7 +151,8 @@ class Master:
             access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
             master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
             forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol,
-            request_timeout=config.request_timeout)
+            request_timeout=config.request_timeout, access_log_format=config.access_log_format,
+            request_id=not config.no_request_id)
         parent, child = channels.pair()
         dump_r, dump_w = os.pipe2(os.O_CLOEXEC)
         try:

@@ -98,7 +98,8 @@ class WorkerLoop:
             is_draining=self._draining_now if spec.threads == 1 else lambda: self.draining,
             keepalive=spec.keepalive_timeout > 0, write_timeout=spec.write_timeout,
             body_timeout=spec.body_timeout, trust=self.trust,
-            reject=lambda conn, code, why: self._log_reject(conn, code, why), watch=self.watch)
+            reject=lambda conn, code, why: self._log_reject(conn, code, why), watch=self.watch,
+            access_log_format=spec.access_log_format, request_ids=spec.request_id)
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT

@@ -4,7 +4,11 @@
 progress.  The worker loop then sends `Exchange.pending`, and asks `Adapter.more` for the next
 piece only once the socket took the previous one, so the app's iterable is pulled at the
 client's pace and a slow client costs the worker nothing.  `Adapter.finish` closes the
-iterable, counts the request and writes the access log.
+iterable, counts the request and writes the access log (`accesslog`).
+
+With request ids on, each request gets one (the client's X-Request-ID when it is sane, else a
+fresh one): in the environ as HTTP_X_REQUEST_ID and supervise.request_id, in the response as
+X-Request-ID unless the app set its own (which is then the one logged), and in the log.
 
 Nothing here waits on a client, except the legacy `write()` callable (its data is sent at
 once, waiting up to the write timeout per pause) and, with request buffering off, an app
@@ -25,7 +29,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from supervisor.worker import forwarded
+from supervisor.worker import accesslog, forwarded
 from supervisor.worker.stats import RequestStats
 from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
 
@@ -184,8 +188,8 @@ class _DateCache:
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
 _STATUS = re.compile(r"[1-5][0-9]{2} [^\x00-\x08\x0a-\x1f\x7f]*")
-LENGTH, CONNECTION, DATE = 1, 2, 3
-_KINDS = {"content-length": LENGTH, "connection": CONNECTION, "date": DATE}
+LENGTH, CONNECTION, DATE, REQUEST_ID = 1, 2, 3, 4
+_KINDS = {"content-length": LENGTH, "connection": CONNECTION, "date": DATE, "x-request-id": REQUEST_ID}
 _NOT_FROM_APPS = {"transfer-encoding", "keep-alive", "upgrade", "proxy-connection", "te", "trailer"}
 CACHE_LIMIT = 4096
 
@@ -248,7 +252,7 @@ class Exchange:
 
     __slots__ = ("adapter", "conn", "req", "started", "environ", "status", "code", "headers", "head_sent",
                  "chunked", "length", "written", "close", "head_only", "result", "iterator", "inline", "pending",
-                 "file", "aborted")
+                 "file", "aborted", "request_id")
 
     def __init__(self, adapter: "Adapter", conn: Connection, req: Request, started: float) -> None:
         self.adapter = adapter
@@ -271,6 +275,7 @@ class Exchange:
         self.pending: bytes | memoryview = EMPTY  # framed bytes to send next
         self.file: list[int] | None = None  # [fd, offset, remaining] still to sendfile()
         self.aborted = False  # the response cannot be completed: drop the connection
+        self.request_id: str | None = None  # as logged: ours, or the app's own X-Request-ID
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable:
         if exc_info is not None:
@@ -303,9 +308,10 @@ class Adapter:
                  is_draining: Callable[[], bool], keepalive: bool, write_timeout: float,
                  body_timeout: float, trust: forwarded.Trust | None = None,
                  reject: Callable[[Connection, int, str], None] = lambda conn, code, why: None,
-                 watch: Any = None) -> None:
+                 watch: Any = None, access_log_format: str = "json", request_ids: bool = False) -> None:
         self.app = app
-        self.access_log = access_log
+        self.access_log = None if access_log is None else accesslog.writer(access_log_format, access_log)
+        self.ids = accesslog.RequestIds(threads) if request_ids else None
         self.log_error = log_error
         self.is_draining = is_draining
         self.keepalive = keepalive
@@ -334,12 +340,16 @@ class Adapter:
         aborted).  Never raises."""
         ex = Exchange(self, conn, req, now)
         watch = self.watch
+        ids = self.ids
         try:
             environ = ex.environ = self._environ(conn, req)
         except RequestError as exc:
             self.reject(conn, 400, str(exc))
             ex.environ = {"PATH_INFO": ""}
-            ex.pending, ex.status, ex.close, ex.head_sent = self.error_bytes(400), "400 Bad Request", True, True
+            if ids is not None:
+                sent = next((v.decode("latin-1") for n, v in req.headers if n.lower() == b"x-request-id"), "")
+                ex.request_id = sent if accesslog.valid_id(sent) else ids.new()
+            ex.pending, ex.status, ex.close, ex.head_sent = self._error(ex, 400), "400 Bad Request", True, True
             ex.code = 400
             return ex
         except Exception as exc:  # noqa: BLE001 - a bug of ours must cost one request, not the worker
@@ -347,6 +357,11 @@ class Adapter:
             ex.environ = {"PATH_INFO": ""}
             self._failed(ex, exc)
             return ex
+        if ids is not None:
+            rid = environ.get("HTTP_X_REQUEST_ID")
+            if rid is None or not accesslog.valid_id(rid):
+                rid = environ["HTTP_X_REQUEST_ID"] = ids.new()
+            environ["supervise.request_id"] = ex.request_id = rid
         if req.body is not None:
             environ["wsgi.input"] = req.body.reader()
             environ["CONTENT_LENGTH"] = str(req.body.size)  # also for a chunked body: it is whole
@@ -430,11 +445,7 @@ class Adapter:
                 self.requests += 1
                 self.stats.record(ex.code, method, seconds)
         if self.access_log is not None:
-            environ = ex.environ
-            self.access_log("request", method=environ.get("REQUEST_METHOD"), path=environ.get("PATH_INFO"),
-                            query=environ.get("QUERY_STRING"), status=ex.code,
-                            bytes=ex.written, duration=round(seconds, 6),
-                            remote=environ.get("REMOTE_ADDR"))
+            self.access_log(ex, seconds)
         if not ex.req.complete:
             return False  # unread body still on the wire: we cannot find the next request
         if ex.length is not None and ex.written < ex.length and not ex.head_only:
@@ -452,6 +463,13 @@ class Adapter:
         head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nDate: {self._date.get()}\r\nConnection: close\r\n\r\n")
         return head.encode("latin-1") + body
+
+    def _error(self, ex: Exchange, code: int) -> bytes:
+        """error_bytes, with the request's id after the status line."""
+        data = self.error_bytes(code)
+        if ex.request_id is not None:
+            data = data.replace(b"\r\n", f"\r\nX-Request-ID: {ex.request_id}".encode("latin-1") + b"\r\n", 1)
+        return data
 
     # ------------------------------------------------------------------ failures
     def _failed(self, ex: Exchange, exc: BaseException) -> None:
@@ -471,7 +489,7 @@ class Adapter:
         if ex.head_sent:
             ex.aborted = True
             return
-        ex.pending, ex.status, ex.close, ex.head_sent = self.error_bytes(code), f"{code} {REASONS[code]}", True, True
+        ex.pending, ex.status, ex.close, ex.head_sent = self._error(ex, code), f"{code} {REASONS[code]}", True, True
         ex.code, ex.length, ex.written, ex.file = code, None, 0, None
 
     def _log_exception(self, ex: Exchange) -> None:
@@ -545,6 +563,7 @@ class Adapter:
         no_body = code < 200 or code in (204, 304)
         lines = [status_line]
         has_length = has_conn = has_date = False
+        own_id = None
         cache = heads.lines
         for header in ex.headers:
             try:
@@ -563,8 +582,10 @@ class Adapter:
                     has_conn = True
                     if header[1].lower() == "close":
                         ex.close = True
-                else:
+                elif kind == DATE:
                     has_date = True
+                else:
+                    own_id = header[1]
         if not has_length and not no_body:
             if body_len is not None:
                 lines.append(b"Content-Length: %d\r\n" % body_len)
@@ -580,6 +601,10 @@ class Adapter:
             ex.close = True  # the app answered before reading the whole body: it stays unread
         if not has_date:
             lines.append(self._date.line())
+        if own_id is not None:
+            ex.request_id = own_id  # the app's own X-Request-ID wins, and is the one logged
+        elif ex.request_id is not None:
+            lines.append(b"X-Request-ID: %s\r\n" % ex.request_id.encode("latin-1"))
         if not ex.close and self.is_draining():
             ex.close = True  # the worker began draining while this request ran: last response
         if not has_conn:

@@ -75,6 +75,8 @@ def test_negative_control_the_detector_flags_a_process_that_inherited_the_lock(t
     sleeper = int(out.stdout)
     started.append(sleeper)
     # The shell that took the lock has exited; the sleep it started holds the lock on its own.
+    # `setsid nohup` execs into `sleep`; wait for that exec (a handshake, with a deadline).
+    wait_until(lambda: procfs.holders(lock).get(sleeper) == "sleep 300", message="setsid nohup exec'd sleep")
     holders = procfs.holders(lock)
     assert sleeper in holders and holders[sleeper] == "sleep 300", holders
     assert not procfs.lock_is_free(lock)
