@@ -152,7 +152,7 @@ class Master:
             master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
             forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol,
             request_timeout=config.request_timeout, access_log_format=config.access_log_format,
-            request_id=not config.no_request_id)
+            request_id=not config.no_request_id, metrics=not config.no_metrics)
         parent, child = channels.pair()
         dump_r, dump_w = os.pipe2(os.O_CLOEXEC)
         try:

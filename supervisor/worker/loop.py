@@ -99,7 +99,8 @@ class WorkerLoop:
             keepalive=spec.keepalive_timeout > 0, write_timeout=spec.write_timeout,
             body_timeout=spec.body_timeout, trust=self.trust,
             reject=lambda conn, code, why: self._log_reject(conn, code, why), watch=self.watch,
-            access_log_format=spec.access_log_format, request_ids=spec.request_id)
+            access_log_format=spec.access_log_format, request_ids=spec.request_id,
+            metrics=spec.metrics)
         # --keepalive-timeout 0 turns keep-alive off: responses say Connection: close, and a new
         # connection still gets time to send its first request.
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT

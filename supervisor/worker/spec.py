@@ -43,4 +43,5 @@ class WorkerSpec:
     request_timeout: float = 0.0
     dump_fd: int = -1  # faulthandler writes every thread's stack here on SIGUSR2 (the master reads it)
     access_log_format: str = "json"  # json (structlog events) or combined (Apache's line, to stdout)
+    metrics: bool = True  # count requests for /metrics (--no-metrics: not)
     request_id: bool = True  # X-Request-ID: passed through or generated, echoed, in the environ

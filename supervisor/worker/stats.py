@@ -26,3 +26,12 @@ class RequestStats:
         counts[key] = counts.get(key, 0) + 1
         self.hist[bisect_left(BUCKETS, seconds)] += 1
         self.seconds += seconds
+
+
+class NoStats(RequestStats):
+    """--no-metrics: nothing is counted (the heartbeat carries empty totals)."""
+
+    __slots__ = ()
+
+    def record(self, status: int, method: str, seconds: float) -> None:
+        pass

@@ -30,7 +30,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from supervisor.worker import accesslog, forwarded
-from supervisor.worker.stats import RequestStats
+from supervisor.worker.stats import NoStats, RequestStats
 from supervisor.worker.http import REASONS, BodyError, BodyTooLarge, ClientGone, Connection, Request, send_all
 
 EMPTY = b""
@@ -308,7 +308,8 @@ class Adapter:
                  is_draining: Callable[[], bool], keepalive: bool, write_timeout: float,
                  body_timeout: float, trust: forwarded.Trust | None = None,
                  reject: Callable[[Connection, int, str], None] = lambda conn, code, why: None,
-                 watch: Any = None, access_log_format: str = "json", request_ids: bool = False) -> None:
+                 watch: Any = None, access_log_format: str = "json", request_ids: bool = False,
+                 metrics: bool = True) -> None:
         self.app = app
         self.access_log = None if access_log is None else accesslog.writer(access_log_format, access_log)
         self.ids = accesslog.RequestIds(threads) if request_ids else None
@@ -322,7 +323,7 @@ class Adapter:
         self.watch = watch  # supervisor.worker.watchdog.RequestWatch with --request-timeout
         self.pull_inline = threads == 1
         self.requests = 0
-        self.stats = RequestStats()
+        self.stats = RequestStats() if metrics else NoStats()
         self._count_lock = threading.Lock()  # app threads finish requests concurrently
         self._names = _HeaderCache()
         self._date = _DateCache()
