@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import psutil
+import setproctitle
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -242,6 +243,15 @@ def remove_pid_file(path: str) -> None:
             if f.read().strip() == str(os.getpid()):
                 os.unlink(path)
     except OSError:
+        pass
+
+
+def set_title(title: str) -> None:
+    """Name this process in `ps` and `top`: `supervise: master app.wsgi`, `supervise: worker g3/w1`,
+    `supervise: watcher`...  (the command line is the same for all, they are forked from one)."""
+    try:
+        setproctitle.setproctitle(f"supervise: {title}")
+    except Exception:  # noqa: BLE001 - a title is a convenience: never fail for it
         pass
 
 

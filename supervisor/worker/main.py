@@ -40,6 +40,7 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
     # SIGTERM only wakes the loop until the loop installs its own handler (that notes it too).
     proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, spec.dump_fd, *(s.fileno() for s in listeners)},
                     on_term=_wake_only)
+    proc.set_title(f"worker g{spec.generation}/w{spec.slot}")
     if spec.dump_fd >= 0:  # the master asks for the stacks of a stuck worker before it kills it
         faulthandler.register(signal.SIGUSR2, file=spec.dump_fd, all_threads=True)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
