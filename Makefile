@@ -68,3 +68,6 @@ docs: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The fleet demo (make fleet-demo, fleet-down, fleet-status) and its tests (make test-fleet).
+include fleet.mk

@@ -11,13 +11,14 @@ FLEET_VMS  ?= 3
 
 .PHONY: fleet-demo fleet-down fleet-status test-fleet
 
-fleet-demo:
+# install: scripts/image.sh builds the image's wheelhouse with the venv's pip.
+fleet-demo: install
 	bash scripts/fleet.sh up --port $(FLEET_PORT) --dcs $(FLEET_DCS) --vms $(FLEET_VMS)
 
-fleet-down:
+fleet-down: check-prereqs
 	bash scripts/fleet.sh down
 
-fleet-status:
+fleet-status: check-prereqs
 	bash scripts/fleet.sh status
 
 test-fleet: install

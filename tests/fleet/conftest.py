@@ -38,10 +38,6 @@ _spec.loader.exec_module(fleet_tool)
 FIGURES: dict[str, Any] = {}  # measured figures, printed at the end of the session
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "fleet: end-to-end tests of a whole fleet (Consul, HAProxy, Docker)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/fleet/" in item.nodeid.replace("\\", "/"):

@@ -155,15 +155,17 @@ class Watcher:
         self._thread.join(5)
 
     def _run(self) -> None:
+        # Each observation is stamped when its answer has arrived: "by this time the set was
+        # this", so an address first seen missing at t had left at or before t.
         while not self._stop.is_set():
-            now = time.time()
             try:
                 ips = frozenset(r.ip for r in self._srv(*self.dns, self.name, timeout=0.5))
-                self.dns_log.append((now, ips))
+                self.dns_log.append((time.time(), ips))
             except (OSError, ValueError):
                 pass
             try:
-                self.lb_log.append((time.time(), frozenset(self._lb())))
+                servers = frozenset(self._lb())
+                self.lb_log.append((time.time(), servers))
             except (OSError, ValueError):
                 pass
             self._stop.wait(self.interval)

@@ -323,8 +323,11 @@ def test_negative_control_drain_delay_shorter_than_haproxy_dns_refresh_fails_req
 
 def test_sigkill_fails_requests_until_consul_dns_drops_the_instance(fleet):
     """Measured, not hidden: `docker kill` (SIGKILL) leaves no chance to withdraw.  HAProxy
-    sends the instance its share of requests until the TTL check lapses (--consul-ttl) and
-    DNS drops it; each of those fails after HAProxy's `timeout connect` (2 s)."""
+    sends the instance its share of requests until the TTL check lapses (--consul-ttl), DNS
+    drops it and HAProxy's next resolution removes it; each of those fails (HAProxy has no
+    retries).  The figures go to docs/fleet.md; what is asserted is the order of things: the
+    failures exist, the check went critical by TTL expiry, and no request that started after
+    HAProxy was seen without the instance failed."""
     prod = fleet.dc("prod")
     inst = fleet.instance(3)
     with fleet.watcher() as watch, fleet.load() as load:
@@ -334,9 +337,10 @@ def test_sigkill_fails_requests_until_consul_dns_drops_the_instance(fleet):
         docker("kill", inst.container)
         dns_gone = watch.wait_dns_gone(inst.ip, t_kill, TTL + 10)
         lb_gone = watch.wait_lb_gone(inst.ip, t_kill, TTL + 12)
-        # Every request sent to the dead instance has finished (failed) once HAProxy's
-        # connect timeout has passed after it dropped the server.
-        wait_until(lambda: all(r.finished > lb_gone for r in load.snapshot()[-12:]), 30,
+        # Every request sent to the dead instance has finished (failed) once every client
+        # thread (each one request at a time) has started one more after HAProxy dropped it.
+        threads = {r.thread for r in load.snapshot()}
+        wait_until(lambda: {r.thread for r in load.snapshot() if r.started > lb_gone} >= threads, 30,
                    "the requests in flight when HAProxy dropped the instance to finish")
         load.wait_requests(60)
     failures = load.failures()
@@ -344,8 +348,8 @@ def test_sigkill_fails_requests_until_consul_dns_drops_the_instance(fleet):
                     if e["Service"]["ID"] == inst.service_id)
     ttl_check = next(c for c in critical["Checks"] if c["ServiceID"] == inst.service_id)
     assert ttl_check["Status"] == "critical" and "TTL expired" in ttl_check["Output"], ttl_check
-    assert dns_gone - t_kill <= TTL + 1.5, dns_gone - t_kill
-    assert all(r.started <= lb_gone + 0.1 for r in failures), [(r.started - t_kill, r.error) for r in failures]
+    assert failures, "a SIGKILLed instance still listed in Consul must cost requests: " + load.summary()
+    assert all(r.started <= lb_gone for r in failures), [(r.started - t_kill, r.error) for r in failures]
     recs = load.snapshot()
     FIGURES["sigkill"] = {
         "ttl": fleet_tool.CONSUL_TTL, "deregister_after": fleet_tool.DEREGISTER_AFTER,
@@ -447,10 +451,11 @@ def test_scale_out_adds_a_vm_that_takes_traffic_without_failures(fleet):
 
 
 def test_a_killed_instance_leaves_the_catalog_after_deregister_critical_service_after(fleet):
-    """After a SIGKILL the instance is out of DNS within the TTL but stays in the catalog,
-    critical, until the agent's reaper removes it: --consul-deregister-after (1m, Consul's
-    minimum) after the check went critical, the reaper running every 30 s.  Last, because it
-    takes that long."""
+    """After a SIGKILL the instance leaves DNS when its TTL check goes critical but stays in
+    the catalog, critical, until the agent's reaper removes it: --consul-deregister-after (1m,
+    Consul's minimum) after the check went critical, the reaper running every 30 s.  Asserted:
+    that order (critical, out of DNS, still in the catalog, then reaped); the times are
+    figures.  Last, because it takes that long."""
     prod = fleet.dc("prod")
     inst = prod.instances[-1]
 
@@ -468,10 +473,14 @@ def test_a_killed_instance_leaves_the_catalog_after_deregister_critical_service_
         docker("kill", inst.container)
         wait_until(critical, TTL + 5, "the TTL check to go critical", interval=0.05)
         t_critical = time.time()
+        wait_until(lambda: inst.ip not in fleet.dns(), 10, "Consul DNS to drop the critical instance")
+        t_dns = time.time()
+        assert critical(), "out of DNS, the killed instance stays in the catalog, critical, for a while"
         wait_until(lambda: not in_catalog(), 60 + 30 + 30, "the agent to reap the critical instance", interval=0.5)
         t_gone = time.time()
-    assert 60 <= t_gone - t_critical <= 60 + 30 + 10, (t_critical - t_kill, t_gone - t_kill)
-    FIGURES.setdefault("sigkill", {}).update(critical_after=round(t_critical - t_kill, 2),
-                                             removed_from_catalog_after=round(t_gone - t_kill, 1))
+    FIGURES["sigkill_reaper"] = {"critical_after": round(t_critical - t_kill, 2),
+                                 "out_of_dns_after": round(t_dns - t_kill, 2),
+                                 "removed_from_catalog_after": round(t_gone - t_kill, 1),
+                                 "removed_after_critical": round(t_gone - t_critical, 1)}
     docker("start", inst.container)
     fleet.wait_serving(inst)
