@@ -75,6 +75,7 @@ def _validate(config: Config) -> None:
 def _run(config: Config, log: Any) -> int:
     from supervisor.master.loop import Master  # after config: keep `--help` and errors fast
 
+    proc.set_title(f"master {config.app}")
     subreaper = proc.become_subreaper()
     log.info("started", version=settings.version(), app=config.app, workers=config.workers,
              threads=config.threads, pid1=os.getpid() == 1, subreaper=subreaper)

@@ -34,25 +34,41 @@ def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
     """Configure structlog for this process.  Called again in each worker after fork."""
     if fmt == "auto":
         fmt = "console" if os.isatty(1) else "json"
-    renderer: Any
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        # Console: a traceback (or a stack dump) is a real multi-line block under its event,
+        # not one escaped line.  exc_info is formatted by the renderer's exception formatter.
+        processors += [_blocks_as_exception,
+                       structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *args: _LineWriter(),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(pid=os.getpid(), **context)
+
+
+BLOCK_FIELDS = ("traceback", "stacks")  # multi-line text fields (a traceback formatted elsewhere)
+
+
+def _blocks_as_exception(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Console format: move multi-line text fields to `exception`, which the console renderer
+    prints as a block after the event's line (a traceback read in another process arrives
+    as text, not as exc_info)."""
+    blocks = [str(event.pop(key)).rstrip("\n") for key in BLOCK_FIELDS if event.get(key)]
+    if blocks:
+        if event.get("exception"):
+            blocks.insert(0, str(event["exception"]).rstrip("\n"))
+        event["exception"] = "\n".join(blocks)
+    return event
 
 
 def get(**context: Any) -> Any:

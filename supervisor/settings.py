@@ -28,10 +28,12 @@ class ConfigError(Exception):
 
 
 def parse_app(text: str) -> str:
-    module, _, attr = text.partition(":")
+    module, sep, attr = text.partition(":")
     ident = r"[A-Za-z_][A-Za-z0-9_]*"
     if not re.fullmatch(rf"{ident}(\.{ident})*", module):
         raise ValueError(f"{text!r} is not MODULE or MODULE:CALLABLE")
+    if sep and not attr:
+        raise ValueError(f"{text!r}: nothing after ':' (write MODULE, or MODULE:CALLABLE with the callable's name)")
     if attr and not re.fullmatch(rf"{ident}(\.{ident})*", attr):
         raise ValueError(f"{text!r}: {attr!r} is not a Python name")
     return text

@@ -205,7 +205,7 @@ class Lifecycle:
             self._steps(self.shutdown.withdrawn(now), now)
 
     def _exited(self, event: Exited, now: float) -> None:
-        if self.pool.exited(now, event.pid, event.status):
+        if self.pool.exited(now, event.pid, event.status, event.cause):
             self.totals.forget(event.pid)
             return
         helper = self.helper_named(event.pid)

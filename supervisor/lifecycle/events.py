@@ -63,10 +63,12 @@ class SendFailed:
 
 @dataclass(frozen=True)
 class Exited:
-    """waitpid() collected a child: a worker, a helper or an adopted orphan."""
+    """waitpid() collected a child: a worker, a helper or an adopted orphan.  `cause`: what the
+    master found wrong that explains a worker's exit before ready (the code directory is gone)."""
 
     pid: int
     status: str
+    cause: str | None = None
 
 
 @dataclass(frozen=True)

@@ -350,8 +350,10 @@ class Pool:
         if w is not None:
             self._kill(w, "its channel to the master broke")
 
-    def exited(self, now: float, pid: int, status: str) -> bool:
-        """A child exited.  Returns False for pids that are not workers (orphans, helpers)."""
+    def exited(self, now: float, pid: int, status: str, cause: str | None = None) -> bool:
+        """A child exited.  Returns False for pids that are not workers (orphans, helpers).
+        `cause`: what explains an exit before ready, when the master knows (a missing code
+        directory)."""
         w = self.workers.pop(pid, None)
         if w is None:
             return False
@@ -373,7 +375,7 @@ class Pool:
             slot.serving = None
             self._schedule_respawn(now, slot, w)
         elif w.state in BOOTING and gen is not None and gen.state == GenState.STARTING:
-            self._replacement_died(now, gen, slot, w)
+            self._replacement_died(now, gen, slot, w, status, cause)
         elif w.state in BOOTING:
             self._schedule_respawn(now, slot, w)  # a respawn or recycle replacement that died
         return True
@@ -628,14 +630,21 @@ class Pool:
                              "started_at": gen.started_at, "phases": phases, "error": gen.error})
         self._emit(Log("reload_finished", fields, Level.INFO if outcome == "succeeded" else Level.WARNING))
 
-    def _replacement_died(self, now: float, gen: Generation, slot: Slot, w: Worker) -> None:
+    def _replacement_died(self, now: float, gen: Generation, slot: Slot, w: Worker, status: str,
+                          cause: str | None) -> None:
+        """A worker of a booting generation exited before ready: the generation cannot boot.
+        Whatever ended it (an import error, os._exit at import, a missing code directory, a
+        signal), waiting for --boot-timeout would only repeat it: fail now, with the cause."""
+        error = w.boot_error or f"worker {w.slot} exited before ready ({status}) with no import error reported"
+        if cause:
+            error = f"{error}: {cause}"
         if gen.first:
-            if w.boot_error and not self._any_serving():
-                self._exit_unbootable(gen, w.boot_error)
-            else:
+            if not self._any_serving():
+                self._exit_unbootable(gen, error)
+            else:  # the code boots (a worker serves): this one died of something else
                 self._schedule_respawn(now, slot, w)
             return
-        self._fail(now, gen, w.boot_error or f"worker {w.slot} exited before ready")
+        self._fail(now, gen, error)
 
     def _fail(self, now: float, gen: Generation, error: str) -> None:
         self._abandon(now, gen, GenState.FAILED, error)
@@ -682,6 +691,10 @@ class Pool:
             return
         w.state, w.deadline = WorkerState.DRAINING, now + self.limits.graceful_timeout
         self._emit(Drain(w.pid, why))
+        # Logged by the master as it tells the worker, i.e. when the drain starts: a worker busy
+        # in a request on its only thread notices the signal only when that request ends.
+        self._emit(Log("worker_draining", {"worker": w.slot, "generation": w.generation, "worker_pid": w.pid,
+                                           "why": why, "graceful_timeout": self.limits.graceful_timeout}))
 
     def _kill(self, w: Worker, reason: str, dump: bool = False) -> None:
         if w.state == WorkerState.KILLED:

@@ -12,15 +12,18 @@ import socket
 import traceback
 from typing import Callable
 
-from supervisor import channel as channels, proc
+import structlog
+
+from supervisor import channel as channels, logs, proc
 from supervisor.channel import Channel
 
 HelperMain = Callable[[socket.socket], None]  # runs in the child with its end of the channel
 
 
-def fork_helper(main: HelperMain) -> tuple[int, Channel]:
+def fork_helper(main: HelperMain, name: str = "helper") -> tuple[int, Channel]:
     """Fork a helper running `main`; returns its pid and the master's end of its channel.
-    OSError when fork() fails."""
+    OSError when fork() fails.  `name` titles the process (`supervise: watcher`) and tags its
+    log events (role)."""
     parent, child = channels.pair()
     try:
         pid = os.fork()
@@ -32,9 +35,16 @@ def fork_helper(main: HelperMain) -> tuple[int, Channel]:
         code = 0
         try:
             proc.after_fork({child.fileno()})
+            proc.set_title(name)
+            # Inherited from the master through fork: tag our events as this process's.
+            structlog.contextvars.bind_contextvars(pid=os.getpid(), role=name)
             main(child)
-        except BaseException:  # noqa: BLE001 - report, then leave without running master code
-            traceback.print_exc()
+        except BaseException as exc:  # noqa: BLE001 - report, then leave without running master code
+            try:
+                logs.get().critical("helper_crashed", helper=name, error=f"{type(exc).__name__}: {exc}",
+                                    traceback=traceback.format_exc())
+            except BaseException:  # noqa: BLE001 - logging itself broke: plain text is all that is left
+                traceback.print_exc()
             code = 1
         finally:
             os._exit(code)

@@ -199,7 +199,7 @@ class Master:
 
     def _start_helper(self, name: str) -> None:
         try:
-            pid, chan = fork_helper(self.helper_mains[name])
+            pid, chan = fork_helper(self.helper_mains[name], name)
         except OSError as exc:
             self._handle(HelperStartFailed(name, str(exc)))
             return
@@ -266,7 +266,7 @@ class Master:
                     self.sel.unregister(chan.sock)
                 del self.chans[pid]
                 chan.close()
-            self.core.handle(Exited(pid, status), now)
+            self.core.handle(Exited(pid, status, _code_dir_problem(self.config.chdir)), now)
 
     # ------------------------------------------------------------------ exit
     def _exit(self, action: Exit) -> Exit:
@@ -309,6 +309,21 @@ def _rss(pid: int) -> int | None:
         return psutil.Process(pid).memory_info().rss
     except (psutil.Error, OSError):
         return None
+
+
+def _code_dir_problem(path: str | None) -> str | None:
+    """What keeps a worker from entering the code directory (it dies before it can say so)."""
+    if not path:
+        return None
+    try:
+        if not os.path.isdir(os.path.realpath(path)):
+            return f"the code directory {path} is not a directory" if os.path.exists(path) else \
+                f"the code directory {path} does not exist"
+        if not os.access(path, os.R_OK | os.X_OK):
+            return f"the code directory {path} cannot be read (permission denied)"
+    except OSError as exc:
+        return f"the code directory {path} cannot be read ({exc.strerror})"
+    return None
 
 
 def _has_children() -> bool:

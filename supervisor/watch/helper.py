@@ -32,6 +32,7 @@ import socket
 import stat
 import threading
 import time
+import warnings
 from typing import Any, NamedTuple
 
 from watchdog.events import (
@@ -61,6 +62,7 @@ except ImportError:  # pragma: no cover - older watchdog: limits hit below the r
 
 CHECK_INTERVAL = 0.5  # seconds between symlink-target and touch-file checks
 BATCH_WINDOW = 0.05  # seconds the helper gathers events into one `changed` message
+WARNING_CHARS = 300  # a forwarded warning's text is cut here (watchdog's repr whole watch tables)
 
 # Event types that mean "content changed".  Opened / closed-no-write are left
 # out so that workers importing modules do not wake the helper.  Directory
@@ -158,6 +160,30 @@ class _WarningForwarder(logging.Handler):
             self._inbox.put(("paths", list(self.roots)))
 
 
+class _PythonWarnings:
+    """Python warnings raised in this process (watchdog's RuntimeWarnings about its watch table,
+    seen with deep trees created while watched) go to the master, which logs them as events,
+    instead of printing plain text into the JSON log.  Each source line is reported once: the
+    same warning repeats for every directory of a tree."""
+
+    def __init__(self, inbox: queue.Queue[_Item]) -> None:
+        self._inbox = inbox
+        self._seen: set[tuple[str, int, str]] = set()
+
+    def show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        """Replaces warnings.showwarning in the watcher process."""
+        key = (filename, lineno, category.__name__)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        text = " ".join(str(message).split())
+        if len(text) > WARNING_CHARS:
+            text = text[:WARNING_CHARS] + "..."
+        self._inbox.put(("warning", f"{category.__name__}: {text} ({os.path.basename(filename)}:{lineno}; "
+                                    "reported once per source line)"))
+
+
 _LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE, errno.ENOMEM)
 
 
@@ -220,6 +246,7 @@ class Watcher:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        warnings.showwarning = _PythonWarnings(self._inbox).show  # this process is ours alone
         watchdog_logger = logging.getLogger("watchdog")
         watchdog_logger.propagate = False  # only to the master, not to inherited handlers
         watchdog_logger.addHandler(self._forwarder)
