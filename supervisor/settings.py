@@ -394,6 +394,32 @@ class Config:
     no_metrics: bool = setting(
         boolean, False, "Do not count requests for GET /metrics (it then answers 404).", "Lifecycle",
         switch=True)
+    # ---------------------------------------------------------------- asgi
+    interface: str = setting(
+        choice("auto", "wsgi", "asgi"), "auto",
+        "How to call the app. auto: an `async def` callable, or an object whose `__call__` is `async def`, "
+        "is ASGI 3, and a class whose instances have an `async def __call__` is ASGI 2 (double callable); "
+        "anything else is WSGI. asgi also takes a plain callable of one argument (ASGI 2) or three. A "
+        "mismatch (an ASGI app with wsgi, a two-argument callable with asgi) is a boot error (exit 3). "
+        "See docs/asgi.md.", "ASGI", metavar="INTERFACE")
+    lifespan: str = setting(
+        choice("auto", "on", "off"), "auto",
+        "ASGI lifespan protocol. Startup runs before a worker reports ready: a failure is a boot failure "
+        "(exit 3 at start; at a reload the new generation is abandoned and the old one keeps serving). "
+        "Shutdown runs when the worker drains, within --graceful-timeout. auto: an app that raises before "
+        "it takes the startup message has no lifespan (logged); on: that is a boot failure too; off: never "
+        "run.", "ASGI", metavar="MODE")
+    limit_concurrency: int = setting(
+        non_negative_int, 0, "ASGI: most requests and WebSockets in flight per worker; more are answered "
+        "503 at once (0: no limit). The worker's capacity in the health view.", "ASGI", metavar="N")
+    websocket_max_message_size: int = setting(
+        size, 16 * 1024 * 1024, "Largest WebSocket message (its fragments together); a larger one closes "
+        "the connection with 1009. 0 means no limit.", "ASGI", metavar="SIZE", default_doc="16M")
+    websocket_drain: float = setting(
+        duration, 0.0, "On a reload (or a recycle, or scaling in), how long the old workers' WebSockets may "
+        "go on once the new generation serves; then they are closed with 1012 (service restart) so that "
+        "clients reconnect to the new code. Capped at three quarters of --graceful-timeout. On shutdown "
+        "they close at once with 1001 (going away).", "ASGI", metavar="DURATION")
     # ---------------------------------------------------------------- watch
     watch: tuple[str, ...] = setting(
         path_value, (), "Directory to watch for code changes (repeatable). Defaults to --chdir when one is "

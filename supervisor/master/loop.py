@@ -40,7 +40,7 @@ from supervisor.master.helpers import HelperMain, fork_helper, stop_helper
 from supervisor.master.metrics import Metrics
 from supervisor.settings import Config, usable_cpus, version
 from supervisor.worker import main as worker
-from supervisor.worker.spec import RequestLimits, WorkerSpec
+from supervisor.worker.spec import ASGI_SPEC, RequestLimits, WorkerSpec
 
 VERSION = version()
 EXIT_GRACE = 2.0  # how long the exiting master waits for killed children before leaving
@@ -152,7 +152,8 @@ class Master:
             master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
             forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol,
             request_timeout=config.request_timeout, access_log_format=config.access_log_format,
-            request_id=not config.no_request_id, metrics=not config.no_metrics)
+            request_id=not config.no_request_id, metrics=not config.no_metrics,
+            **{name: getattr(config, name) for name in ASGI_SPEC})
         parent, child = channels.pair()
         dump_r, dump_w = os.pipe2(os.O_CLOEXEC)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import importlib.machinery
 import os
 import sys
@@ -79,3 +80,62 @@ def code_fingerprint(code_dir: str) -> str:
             continue
         digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def interface_of(app: Callable, wanted: str, target: str) -> tuple[str, Callable] | str:
+    """("wsgi", app) or ("asgi", an ASGI 3 callable), or the boot error's text.
+
+    auto: an `async def` function, or an object whose `__call__` is `async def`, is ASGI 3; a
+    class whose instances have an `async def __call__` is ASGI 2 (a double callable: `cls(scope)`
+    then `await instance(receive, send)`), run through a wrapper; anything else is WSGI.
+    asgi: also a plain callable of one argument (ASGI 2) or of three (ASGI 3 returning an
+    awaitable); one of two arguments (environ, start_response) is refused."""
+    kind = _asgi_kind(app)
+    if wanted == "wsgi":
+        if kind is not None:
+            return (f"TypeError: {target} is an ASGI {kind[-1]} application; run it with --interface asgi "
+                    "(or auto), not --interface wsgi")
+        return "wsgi", app
+    if kind == "asgi3":
+        return "asgi", app
+    if kind == "asgi2":
+        return "asgi", _asgi2(app)
+    if wanted == "auto":
+        return "wsgi", app
+    arity = _positional_arity(app)
+    if arity == 1:
+        return "asgi", _asgi2(app)
+    if arity == 3:
+        return "asgi", app
+    return (f"TypeError: {target} is not an ASGI application (a synchronous callable of "
+            f"{arity if arity is not None else 'unknown'} arguments; a WSGI app? use --interface wsgi or auto)")
+
+
+def _asgi_kind(app: Any) -> str | None:
+    if inspect.iscoroutinefunction(app):
+        return "asgi3"
+    if inspect.isclass(app):
+        return "asgi2" if inspect.iscoroutinefunction(getattr(app, "__call__", None)) else None
+    if not inspect.isfunction(app) and not inspect.ismethod(app):
+        call = getattr(type(app), "__call__", None)
+        if call is not None and inspect.iscoroutinefunction(call):
+            return "asgi3"
+    return None
+
+
+def _positional_arity(app: Any) -> int | None:
+    try:
+        params = inspect.signature(app).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty)
+
+
+def _asgi2(app: Callable) -> Callable:
+    """An ASGI 2 double callable as an ASGI 3 app."""
+
+    async def asgi3(scope: Any, receive: Any, send: Any) -> None:
+        instance = app(scope)
+        await instance(receive, send)
+
+    return asgi3

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from supervisor import logs, proc, proto
 from supervisor.channel import Channel
-from supervisor.worker.app import code_fingerprint, load_app, prepare_import
+from supervisor.worker.app import code_fingerprint, interface_of, load_app, prepare_import
 from supervisor.worker.loop import WorkerLoop
 from supervisor.worker.spec import WorkerSpec
 
@@ -62,17 +62,47 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
     chan = Channel(chan_sock, queue_sends=False)
     app_or_error = load_app(spec.target)
     if isinstance(app_or_error, str):
-        log.error("boot_failed", error=app_or_error.splitlines()[0], traceback=app_or_error)
-        chan.send(proto.BootError(app_or_error.splitlines()[0]))
-        return EXIT_BOOT_FAILED
+        return _boot_failed(log, chan, app_or_error)
+    kind = interface_of(app_or_error, spec.interface, spec.target)
+    if isinstance(kind, str):
+        return _boot_failed(log, chan, kind)
+    interface, app = kind
     # What the app imported lives as long as the worker: the cyclic garbage collector need not
     # scan it again and again (and copy-on-write pages stay shared with nothing to touch them).
     gc.freeze()
-    loop = WorkerLoop(spec, app_or_error, listeners, chan, wake_r, log)
+    if interface == "asgi":
+        return _run_asgi(spec, app, listeners, chan, log, grace, code_dir)
+    loop = WorkerLoop(spec, app, listeners, chan, wake_r, log)
     grace[0] = spec.graceful_timeout
     chan.send(proto.Ready(code_fingerprint(code_dir)))
     loop.run()
     loop.beat()  # the final count, read by the master before it handles our exit
+    return 0
+
+
+def _boot_failed(log: Any, chan: Channel, error: str) -> int:
+    log.error("boot_failed", error=error.splitlines()[0], traceback=error)
+    chan.send(proto.BootError(error.splitlines()[0]))
+    return EXIT_BOOT_FAILED
+
+
+def _run_asgi(spec: WorkerSpec, app: Any, listeners: list[socket.socket], chan: Channel, log: Any,
+              grace: list[float], code_dir: str) -> int:
+    """An ASGI worker: the lifespan startup runs before Ready, and a failed one is a boot failure."""
+    from supervisor.worker.asgi.server import AsgiWorker
+
+    if spec.proxy_protocol != "off":
+        return _boot_failed(log, chan, "ConfigError: --proxy-protocol is not supported by the ASGI worker yet")
+    worker = AsgiWorker(spec, app, listeners, chan, log)
+
+    def ready() -> None:
+        grace[0] = spec.graceful_timeout
+        chan.send(proto.Ready(code_fingerprint(code_dir), spec.limit_concurrency or spec.worker_connections))
+
+    error = worker.run(ready)
+    if error is not None:
+        return _boot_failed(log, chan, error)
+    worker.beat()  # the final count, read by the master before it handles our exit
     return 0
 
 

@@ -16,6 +16,10 @@ class RequestLimits:
     trailer: int = 8192  # the trailer after a chunked body
 
 
+# The ASGI settings a worker gets as they are (Config field -> WorkerSpec field of the same name).
+ASGI_SPEC = ("interface", "lifespan", "limit_concurrency", "websocket_max_message_size", "websocket_drain")
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     target: str
@@ -45,3 +49,9 @@ class WorkerSpec:
     access_log_format: str = "json"  # json (structlog events) or combined (Apache's line, to stdout)
     metrics: bool = True  # count requests for /metrics (--no-metrics: not)
     request_id: bool = True  # X-Request-ID: passed through or generated, echoed, in the environ
+    # ASGI (supervisor/worker/asgi): which interface, and its own settings
+    interface: str = "auto"  # auto, wsgi or asgi
+    lifespan: str = "auto"  # auto, on or off
+    limit_concurrency: int = 0  # 0: no limit; else 503 beyond this many requests in flight
+    websocket_max_message_size: int = 16 * 1024 * 1024
+    websocket_drain: float = 0.0  # on a reload, WebSockets get this long before their 1012
