@@ -243,6 +243,56 @@ def test_watcher_warnings_about_deep_trees_are_events_not_plain_text(supervise, 
     assert all(line.startswith("{") for line in sv.raw), [line for line in sv.raw if not line.startswith("{")]
 
 
+DEPTH = 1200  # deeper than Python 3.11's recursion limit: os.walk (recursive) cannot walk it
+
+
+def _make_very_deep(root: Path) -> str:
+    """root/d/d/.../d (DEPTH levels), made through directory fds; returns the relative path."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(DEPTH):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(fd)
+    return "/".join(["d"] * DEPTH)
+
+
+def _remove_very_deep(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for depth in range(DEPTH, 0, -1):
+            rel = "/".join(["d"] * depth)
+            for name in os.listdir(os.open(rel, os.O_RDONLY, dir_fd=fd)):
+                os.unlink(f"{rel}/{name}", dir_fd=fd)
+            os.rmdir(rel, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def test_watcher_watches_a_tree_deeper_than_the_recursion_limit(supervise, app_dir):
+    tree = app_dir / "deep"
+    rel = _make_very_deep(tree)
+    try:
+        # Negative control: the tree is deep enough to break a recursive walk at the default limit.
+        walk = subprocess.run([sys.executable, "-c", "import os, sys; [None for _ in os.walk(sys.argv[1])]",
+                               str(tree)], capture_output=True, text=True, timeout=60)
+        assert "RecursionError" in walk.stderr
+        sv = supervise("app", "--chdir", str(app_dir), "--workers", "1", "--watch-debounce", "0.1").ready()
+        assert sv.wait_for("watching")["mode"] == "inotify"
+        fd = os.open(tree, os.O_RDONLY)
+        try:
+            os.close(os.open(f"{rel}/leaf.py", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+        finally:
+            os.close(fd)
+        assert sv.wait_for("reload_finished", timeout=30)["outcome"] == "succeeded"
+        assert not sv.find("helper_crashed") and not sv.find("watcher_error"), sv.raw[-10:]
+        assert sv.stop() == 0
+    finally:
+        _remove_very_deep(tree)
+
+
 def test_python_warnings_are_forwarded_once_per_source_line():
     inbox: queue.Queue = queue.Queue()
     show = _PythonWarnings(inbox).show

@@ -30,6 +30,7 @@ import queue
 import select
 import socket
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -62,6 +63,9 @@ except ImportError:  # pragma: no cover - older watchdog: limits hit below the r
 
 CHECK_INTERVAL = 0.5  # seconds between symlink-target and touch-file checks
 BATCH_WINDOW = 0.05  # seconds the helper gathers events into one `changed` message
+# watchdog walks a tree with os.walk, recursive before Python 3.12: one frame per level.  A path
+# is at most PATH_MAX (4096) bytes, so no tree it can watch is deeper than 2048 levels.
+WALK_RECURSION_LIMIT = 2048 + 500
 WARNING_CHARS = 300  # a forwarded warning's text is cut here (watchdog's repr whole watch tables)
 
 # Event types that mean "content changed".  Opened / closed-no-write are left
@@ -452,6 +456,7 @@ def helper_main(sock: socket.socket, spec: WatchSpec) -> None:
     Call it in a freshly forked child and `os._exit` when it returns.  It runs
     threads (the observer's) and never forks.
     """
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), WALK_RECURSION_LIMIT))  # this process is ours
     chan = Channel(sock, queue_sends=False)
     inbox: queue.Queue[_Item] = queue.Queue()
     _watch_eof(chan, inbox)
