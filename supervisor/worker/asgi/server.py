@@ -147,10 +147,14 @@ class AsgiWorker:
         served = self.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
         stats = self.stats
+        by_label = getattr(stats, "by_label", None)  # the counts' labels, made once per heartbeat
         self.chan.send(proto.Beat(served, drained, self.inflight + self.websockets, self.started,
-                                  dict(stats.counts), list(stats.hist), stats.seconds))
+                                  by_label() if by_label is not None else dict(stats.counts),
+                                  list(stats.hist), stats.seconds))
 
     def _tick(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.loop.call_later(SWEEP_INTERVAL, self._tick)  # first: nothing below can stop the ticks
         now = time.monotonic()
         for conn in list(self.conns):
             conn.sweep(now)
@@ -171,8 +175,6 @@ class AsgiWorker:
                 self.live.clear()
                 self.conns.clear()
             self._check_drained()
-        if self.done is not None and not self.done.done():
-            self.loop.call_later(SWEEP_INTERVAL, self._tick)
 
     # ------------------------------------------------------------------ the master and signals
     def _term_arrived(self, signum: int, frame: Any) -> None:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from supervisor.worker.asgi.server import AsgiWorker
 
 MAX_QUEUED = 16  # messages read ahead of the app before reading pauses
-CLOSE_WAIT = 2.0  # how long the server waits for the client's close frame after its own
+CLOSE_WAIT = 2.0
+RECONNECT_SETTLE = 0.25  # the least time between a drain's start and its 1012 (see drain_now)  # how long the server waits for the client's close frame after its own
 HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
 GOING_AWAY, SERVICE_RESTART, TOO_BIG, PROTOCOL_ERROR, INTERNAL_ERROR, NORMAL = 1001, 1012, 1009, 1002, 1011, 1000
 
@@ -263,10 +264,11 @@ class WsConn(asyncio.Protocol):
             self.close_code = GOING_AWAY
             self.close(GOING_AWAY, "server shutting down")
         else:
+            # Not at once even with --websocket-drain 0: the master signals the old generation's
+            # workers one after the other, and a client told to reconnect must not find a sibling
+            # that still accepts (it would get the old code again).
             self.close_code = SERVICE_RESTART
-            self.close_at = time.monotonic() + worker.websocket_drain
-            if worker.websocket_drain <= 0:
-                self.close(SERVICE_RESTART, "service restart")
+            self.close_at = time.monotonic() + max(worker.websocket_drain, RECONNECT_SETTLE)
 
     def sweep(self, now: float) -> None:
         if self.gone:

@@ -1,0 +1,416 @@
+"""ASGI (issue 13): real frameworks, reloads under load, WebSockets across reloads, lifespan.
+
+Every test runs supervise as a real process (tests/harness.py) and waits on its log events."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.harness import ROOT, Load, assert_monotonic_versions, http_get, wait_until
+
+APPS = ROOT / "tests" / "apps"
+
+ASGI_TEMPLATE = '''
+import asyncio
+VERSION = {version!r}
+STARTUP_FAILS = {fails!r}
+{extra}
+
+async def application(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if STARTUP_FAILS:
+                    await send({{"type": "lifespan.startup.failed", "message": "database unreachable"}})
+                    return
+                scope["state"]["version"] = VERSION
+                await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    elif scope["type"] == "websocket":
+        await receive()
+        await send({{"type": "websocket.accept"}})
+        await send({{"type": "websocket.send", "text": "version=" + VERSION}})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({{"type": "websocket.send", "text": "echo:" + (message.get("text") or "")}})
+    else:
+        path = scope["path"]
+        if path == "/state":
+            body = ("state=" + scope["state"].get("version", "?")).encode()
+        elif path == "/slow":
+            open("slow.started", "w").close()  # the test's handshake: the request is in flight
+            await asyncio.sleep(float(scope["query_string"].decode() or "1"))
+            body = b"slow"
+        else:
+            body = ("version=" + VERSION).encode()
+        await send({{"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]}})
+        await send({{"type": "http.response.body", "body": body}})
+'''
+
+
+def write_asgi_app(directory: Path, version: str = "1", fails: bool = False, extra: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "app.py"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(ASGI_TEMPLATE.format(version=version, fails=fails, extra=textwrap.dedent(extra)))
+    os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture
+def asgi_dir(tmp_path: Path) -> Path:
+    code = tmp_path / "code"
+    write_asgi_app(code, "1")
+    return code
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def ws_url(port: int, path: str = "/") -> str:
+    return f"ws://127.0.0.1:{port}{path}"
+
+
+# --------------------------------------------------------------------------- real frameworks
+
+
+def test_starlette_json_post_streaming_websocket_and_lifespan_state(supervise):
+    sv = supervise("asgi_starlette:app", "--workers", "2", "--chdir", str(APPS), "--no-watch").ready()
+    status, headers, body = request(sv.port, "POST", "/json", json.dumps({"b": 2, "a": [1, "x"]}).encode(),
+                                    {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body) == {"got": {"b": 2, "a": [1, "x"]}, "keys": ["a", "b"]}
+    assert len(headers["x-request-id"]) == 32  # a fresh request id, as for WSGI
+    status, headers, body = request(sv.port, "GET", "/stream")
+    assert status == 200 and headers.get("transfer-encoding") == "chunked"
+    assert body == b"".join(f"piece {i}\n".encode() for i in range(5))
+    assert request(sv.port, "GET", "/state")[2] == b'{"greeting":"set by the lifespan startup"}'
+    with connect(ws_url(sv.port, "/ws"), compression=None) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "echo:hello"
+        ws.send(b"\x00\x01" * 50000)
+        assert ws.recv(timeout=5) == b"\x00\x01" * 50000
+        ws.send(["frag", "mented"])  # one message in three frames
+        assert ws.recv(timeout=5) == "echo:fragmented"
+        ws.ping().wait(5)
+    assert request(sv.port, "GET", "/missing")[0] == 404
+    assert sv.stop() == 0
+
+
+def test_django_asgi_json_post_and_streaming_without_lifespan_support(supervise):
+    sv = supervise("asgi_django", "--workers", "1", "--chdir", str(APPS), "--no-watch").ready()
+    status, _, body = request(sv.port, "POST", "/json", b'{"n": 1}', {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body) == {"got": {"n": 1}, "method": "POST"}
+    status, _, body = request(sv.port, "GET", "/stream")
+    assert status == 200 and body == b"piece 0\npiece 1\npiece 2\n"
+    assert sv.find("lifespan_unsupported")  # Django raises on the lifespan scope: auto goes on without
+    assert sv.stop() == 0
+
+
+# --------------------------------------------------------------------------- interface
+
+
+def test_interface_auto_runs_asgi_and_wsgi_refuses_an_async_app(supervise, asgi_dir):
+    sv = supervise("app", "--chdir", str(asgi_dir), "--no-watch", "--workers", "1").ready()
+    assert http_get(sv.port) == (200, "version=1")
+    assert sv.stop() == 0
+    bad = supervise("app", "--chdir", str(asgi_dir), "--no-watch", "--workers", "1", "--interface", "wsgi")
+    assert bad.wait(30) == 3
+    failed = bad.find("boot_failed")
+    assert failed and "is an ASGI 3 application" in failed[0]["error"], bad.raw[-10:]
+
+
+def test_asgi2_double_callable_is_detected_and_a_wsgi_app_refused_with_interface_asgi(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "two.py").write_text(textwrap.dedent('''
+        class application:
+            def __init__(self, scope):
+                self.scope = scope
+            async def __call__(self, receive, send):
+                if self.scope["type"] != "http":
+                    return
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"asgi2"})
+
+        def wsgi(environ, start_response):
+            start_response("200 OK", [])
+            return [b"wsgi"]
+    '''))
+    sv = supervise("two", "--chdir", str(code), "--no-watch", "--workers", "1").ready()
+    assert http_get(sv.port) == (200, "asgi2")
+    assert sv.stop() == 0
+    bad = supervise("two:wsgi", "--chdir", str(code), "--no-watch", "--workers", "1", "--interface", "asgi")
+    assert bad.wait(30) == 3
+    assert "not an ASGI application" in bad.find("boot_failed")[0]["error"]
+    # Negative control: the same WSGI app with auto is served as WSGI.
+    ok = supervise("two:wsgi", "--chdir", str(code), "--no-watch", "--workers", "1").ready()
+    assert http_get(ok.port) == (200, "wsgi")
+    assert ok.stop() == 0
+
+
+# --------------------------------------------------------------------------- reloads
+
+
+def test_hups_under_load_zero_failures_and_versions_only_move_forward(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
+    order = ["version=1"]
+    with Load(sv.port, clients=6, keepalive=True) as ka, Load(sv.port, clients=4, keepalive=False) as nk:
+        ka.wait_requests(100)
+        for n in range(2, 7):
+            write_asgi_app(asgi_dir, str(n))
+            order.append(f"version={n}")
+            finished = sv.reload()
+            assert finished["outcome"] == "succeeded", finished
+            ka.wait_requests(30)
+            nk.wait_requests(10)
+    for load in (ka, nk):
+        assert load.count() > 200
+        assert not load.failures(), load.summary()
+        assert_monotonic_versions(load, order)
+        assert all(r.body == "version=6" for r in load.results[-10:])
+    assert sv.stop() == 0
+
+
+def test_lifespan_startup_failure_on_reload_leaves_the_old_generation_serving(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_asgi_app(asgi_dir, "2", fails=True)
+        failed = sv.reload()
+        assert failed["outcome"] == "failed", failed
+        assert "lifespan startup failed: database unreachable" in failed["error"]
+        load.wait_requests(50)
+        assert http_get(sv.port, "/state") == (200, "state=1")  # the old generation, its own state
+    assert not load.failures(), load.summary()
+    assert {r.body for r in load.results} == {"version=1"}
+    assert sv.proc.poll() is None
+    assert sv.stop() == 0
+
+
+def test_negative_control_a_passing_lifespan_startup_reloads(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_asgi_app(asgi_dir, "2", fails=False)
+        assert sv.reload()["outcome"] == "succeeded"
+        load.wait_requests(50)
+    assert not load.failures(), load.summary()
+    assert load.results[-1].body == "version=2"
+    assert http_get(sv.port, "/state") == (200, "state=2")  # lifespan state of the new code
+    assert sv.stop() == 0
+
+
+def test_lifespan_startup_failure_at_start_exits_3(supervise, tmp_path):
+    code = tmp_path / "code"
+    write_asgi_app(code, "1", fails=True)
+    sv = supervise("app", "--workers", "2", "--chdir", str(code), "--no-watch")
+    assert sv.wait(30) == 3
+    assert any("lifespan startup failed: database unreachable" in line for line in sv.raw + [sv.stderr])
+
+
+def test_lifespan_off_never_runs_it(supervise, tmp_path):
+    code = tmp_path / "code"
+    write_asgi_app(code, "1", fails=True)  # would fail, were it run
+    sv = supervise("app", "--workers", "1", "--chdir", str(code), "--no-watch", "--lifespan", "off").ready()
+    assert http_get(sv.port, "/state") == (200, "state=?")
+    assert sv.stop() == 0
+
+
+# --------------------------------------------------------------------------- WebSockets
+
+
+def _ws_client(port: int, out: dict[str, Any], ready: threading.Event) -> None:
+    """Connect, read the greeting, wait for the server's close, reconnect, read the greeting."""
+    try:
+        with connect(ws_url(port), compression=None, open_timeout=10) as ws:
+            out["first"] = ws.recv(timeout=10)
+            ready.set()
+            try:
+                ws.recv(timeout=30)
+                out["error"] = "a message instead of a close"
+            except ConnectionClosed as exc:
+                out["code"] = exc.rcvd.code if exc.rcvd else None
+        with connect(ws_url(port), compression=None, open_timeout=10) as ws:
+            out["second"] = ws.recv(timeout=10)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        out["error"] = repr(exc)
+        ready.set()
+
+
+def test_websockets_across_a_reload_get_1012_and_reconnect_to_new_code(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
+    results: list[dict[str, Any]] = [{} for _ in range(4)]
+    readies = [threading.Event() for _ in results]
+    threads = [threading.Thread(target=_ws_client, args=(sv.port, r, e), daemon=True)
+               for r, e in zip(results, readies)]
+    for t in threads:
+        t.start()
+    for e in readies:
+        assert e.wait(15)
+    write_asgi_app(asgi_dir, "2")
+    assert sv.reload()["outcome"] == "succeeded"
+    for t in threads:
+        t.join(30)
+    for r in results:
+        assert r == {"first": "version=1", "code": 1012, "second": "version=2"}, r
+    assert sv.stop() == 0
+
+
+def test_websocket_drain_lets_old_websockets_go_on_after_the_new_generation_serves(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch", "--graceful-timeout", "20",
+                   "--websocket-drain", "10").ready()
+    with connect(ws_url(sv.port), compression=None) as ws:
+        assert ws.recv(timeout=5) == "version=1"
+        write_asgi_app(asgi_dir, "2")
+        sv.signal(signal.SIGHUP)
+        sv.wait_for("generation_ready", count=2)
+        assert http_get(sv.port) == (200, "version=2")
+        ws.send("still here")  # the old worker drains, its WebSocket goes on meanwhile
+        assert ws.recv(timeout=5) == "echo:still here"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert sv.wait_for("reload_finished")["outcome"] == "succeeded"
+    assert sv.stop() == 0
+
+
+def test_sigterm_closes_websockets_with_1001_and_exits_0(supervise, asgi_dir):
+    """The shutdown's code (1001) against the reload's (1012) above: the drain's why is used."""
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch", "--websocket-drain", "5").ready()
+    with connect(ws_url(sv.port), compression=None) as ws:
+        assert ws.recv(timeout=5) == "version=1"
+        sv.signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert sv.wait(20) == 0
+
+
+def test_websocket_message_over_the_limit_closes_with_1009(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch",
+                   "--websocket-max-message-size", "1k").ready()
+    with connect(ws_url(sv.port), compression=None) as ws:
+        assert ws.recv(timeout=5) == "version=1"
+        ws.send("x" * 1000)  # negative control: under the limit
+        assert ws.recv(timeout=5) == "echo:" + "x" * 1000
+        ws.send(["x" * 600, "x" * 600])  # over it, in fragments
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    assert http_get(sv.port) == (200, "version=1")
+    assert sv.stop() == 0
+
+
+# --------------------------------------------------------------------------- HTTP behaviour
+
+
+def test_limit_concurrency_answers_503_beyond_it(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch",
+                   "--limit-concurrency", "1").ready()
+    slow: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: slow.update(r=request(sv.port, "GET", "/slow?5")), daemon=True)
+    t.start()
+    wait_until(lambda: (asgi_dir / "slow.started").exists(), 10, message="/slow in flight")
+    assert request(sv.port, "GET", "/")[0] == 503
+    t.join(15)
+    assert slow["r"][0] == 200 and slow["r"][2] == b"slow"
+    assert http_get(sv.port) == (200, "version=1")  # under the limit again
+    assert sv.stop() == 0
+
+
+def test_pipelined_requests_and_a_streamed_request_body(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "echo.py").write_text(textwrap.dedent('''
+        async def application(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            pieces = []
+            while True:
+                message = await receive()
+                pieces.append(len(message.get("body", b"")))
+                if not message.get("more_body"):
+                    break
+            body = (scope["path"] + " " + str(sum(pieces))).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+    '''))
+    sv = supervise("echo", "--workers", "1", "--chdir", str(code), "--no-watch").ready()
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                     b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 3
+    assert data.index(b"/a 0") < data.index(b"/b 3") < data.index(b"/c 0"), data
+    big = os.urandom(1 << 20)
+    status, _, body = request(sv.port, "POST", "/big", big)
+    assert (status, body) == (200, b"/big 1048576")
+    assert sv.stop() == 0
+
+
+def test_a_client_that_does_not_read_holds_only_itself(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "big.py").write_text(textwrap.dedent('''
+        async def application(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            if scope["path"] == "/big":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                for _ in range(64):
+                    await send({"type": "http.response.body", "body": b"x" * (1 << 20), "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+    '''))
+    sv = supervise("big", "--workers", "1", "--chdir", str(code), "--no-watch", "--write-timeout", "2").ready()
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert http_get(sv.port) == (200, "ok")  # the same worker serves others meanwhile
+        event = sv.wait_for("client_timeout", phase="write")
+        assert event["seconds"] == 2.0
+    assert sv.stop() == 0
+
+
+def test_bad_requests_get_a_clear_status_not_a_traceback(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch").ready()
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=5) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+    assert http_get(sv.port) == (200, "version=1")
+    assert not sv.find("app_exception") and "Traceback" not in sv.stderr
+    assert sv.stop() == 0
