@@ -214,6 +214,17 @@ def test_worker_draining_is_logged_when_the_drain_starts(supervise, app_dir):
     assert sv.stop() == 0
 
 
+def test_watching_names_a_reason_only_when_there_is_one(supervise, app_dir):
+    sv = supervise("app", "--chdir", str(app_dir), "--workers", "1").ready()
+    watching = sv.wait_for("watching")
+    assert watching["mode"] == "inotify" and "reason" not in watching, watching
+    assert sv.stop() == 0
+    # Negative control: polling says why.
+    sv = supervise("app", "--chdir", str(app_dir), "--workers", "1", "--watch-poll").ready()
+    assert sv.wait_for("watching")["reason"] == "--watch-poll"
+    assert sv.stop() == 0
+
+
 def _deep_tree(root: Path, depth: int = 300) -> None:
     path = root
     for i in range(depth):
