@@ -236,7 +236,18 @@ def scale_down_kills() -> None:
     Pool.resize = patched  # type: ignore[method-assign]
 
 
+def raw_access_log() -> None:
+    """The combined access log without its escaping: hostile values go into the line as they are."""
+    from supervisor.worker import accesslog
+
+    def as_is(value: str | bytes, limit: int, unsafe: Any = None) -> str:
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+
+    accesslog.escape = as_is  # type: ignore[assignment]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "raw-access-log": raw_access_log,
     "retire-early": retire_early,
     "handoff-gate": handoff_gate,
     "serve-late": serve_late,

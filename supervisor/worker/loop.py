@@ -158,7 +158,7 @@ class WorkerLoop:
         served = self.adapter.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
         stats = self.adapter.stats
-        self.chan.send(proto.Beat(served, drained, len(self.owned), self.started, dict(stats.counts),
+        self.chan.send(proto.Beat(served, drained, len(self.owned), self.started, stats.by_label(),
                                   list(stats.hist), stats.seconds))
 
     # ------------------------------------------------------------------ the master and signals

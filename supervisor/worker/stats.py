@@ -13,19 +13,31 @@ METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
 
 
 class RequestStats:
+    """Counted per request with as little work as possible (a tuple key, a bisect); the labels
+    are made once per heartbeat by `by_label`."""
+
     __slots__ = ("counts", "hist", "seconds")
 
     def __init__(self) -> None:
-        self.counts: dict[str, int] = {}  # "STATUS METHOD" -> requests
+        self.counts: dict[tuple[int, str], int] = {}  # (status, method) -> requests
         self.hist = [0] * (len(BUCKETS) + 1)
         self.seconds = 0.0
 
     def record(self, status: int, method: str, seconds: float) -> None:
-        key = f"{status} {method if method in METHODS else 'other'}"
         counts = self.counts
+        key = (status, method)
         counts[key] = counts.get(key, 0) + 1
         self.hist[bisect_left(BUCKETS, seconds)] += 1
         self.seconds += seconds
+
+    def by_label(self) -> dict[str, int]:
+        """The counts by "STATUS METHOD", extension methods as "other" (bounded labels: the
+        parser knows a fixed set of methods, so the tuple keys are bounded too)."""
+        labels: dict[str, int] = {}
+        for (status, method), n in list(self.counts.items()):
+            key = f"{status} {method if method in METHODS else 'other'}"
+            labels[key] = labels.get(key, 0) + n
+        return labels
 
 
 class NoStats(RequestStats):

@@ -605,7 +605,7 @@ class Adapter:
         if own_id is not None:
             ex.request_id = own_id  # the app's own X-Request-ID wins, and is the one logged
         elif ex.request_id is not None:
-            lines.append(b"X-Request-ID: %s\r\n" % ex.request_id.encode("latin-1"))
+            lines.append(b"X-Request-ID: " + ex.request_id.encode("latin-1") + b"\r\n")
         if not ex.close and self.is_draining():
             ex.close = True  # the worker began draining while this request ran: last response
         if not has_conn:
