@@ -25,6 +25,7 @@ import argparse
 import ipaddress
 import json
 import os
+import signal
 import shutil
 import socket
 import struct
@@ -89,7 +90,9 @@ def vm_names(fleet: str, dc: str, n: int) -> dict[str, str]:
 
 
 def ports(base_port: int, dcs: list[str]) -> dict[str, tuple[int, int]]:
-    """Loopback ports per DC: (load balancer, stats page)."""
+    """Loopback ports per DC: (load balancer, stats page); all 0 (Docker chooses) if base_port is 0."""
+    if not base_port:
+        return {dc: (0, 0) for dc in dcs}
     return {dc: (base_port + 2 * i, base_port + 2 * i + 1) for i, dc in enumerate(dcs)}
 
 
@@ -308,13 +311,28 @@ frontend stats
 
 
 def start_lb(inv: Inventory, dc: str, lb_port: int, stats_port: int) -> None:
+    """HAProxy of `dc`, published on 127.0.0.1:lb_port and :stats_port; port 0: a free port
+    chosen by Docker when it binds it (no race with other programs), read back into the
+    inventory."""
     cfg = Path(inv.work) / dc / "haproxy.cfg"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(haproxy_cfg(address(inv.subnet, dc, "server")))
     cfg.chmod(0o644)
-    run(inv, names(inv.fleet, dc)["lb"], "lb", address(inv.subnet, dc, "lb"), HAPROXY_IMAGE, [],
+    name = names(inv.fleet, dc)["lb"]
+    run(inv, name, "lb", address(inv.subnet, dc, "lb"), HAPROXY_IMAGE, [],
         hostname=f"{dc}-lb", extra=["--restart", "unless-stopped", "-v", f"{cfg}:/etc/haproxy/fleet.cfg:ro",
-                                    "-p", f"127.0.0.1:{lb_port}:8080", "-p", f"127.0.0.1:{stats_port}:8404"])
+                                    "-p", f"127.0.0.1:{lb_port or ''}:8080", "-p", f"127.0.0.1:{stats_port or ''}:8404"])
+    d = inv.dcs[dc]
+    d.lb = f"http://{published(name, 8080)}"
+    d.stats = f"http://{published(name, 8404)}/"
+
+
+def published(container: str, port: int) -> str:
+    """The loopback HOST:PORT Docker publishes a container's port on."""
+    for line in docker("port", container, f"{port}/tcp").splitlines():
+        if line.startswith("127.0.0.1:"):
+            return line.strip()
+    raise Failure(f"{container}: port {port} is not published on 127.0.0.1")
 
 
 # --------------------------------------------------------------------------- waiting
@@ -530,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--vms", type=int, default=int(os.environ.get("FLEET_VMS", "3")), help="VMs in prod (default %(default)s)")
     p_up.add_argument("--dev-vms", type=int, default=1, help="VMs in the other datacenters (default %(default)s)")
     p_up.add_argument("--port", type=int, default=int(os.environ.get("FLEET_PORT", "8090")),
-                      help="first loopback port: LB and stats of each DC in turn (default %(default)s)")
+                      help="first loopback port: LB and stats of each DC in turn (default %(default)s; "
+                           "0: free ports chosen by Docker, printed)")
     p_add = sub.add_parser("add-vm", help="scale out: one more VM with its agent and instance")
     p_add.add_argument("--dc", default="prod")
     sub.add_parser("status", help="one line per instance")
@@ -565,4 +584,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends us quietly
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Fixtures for the fleet tests (tests/fleet/): a whole fleet in the real Docker engine.
 
 One fleet per module (scripts/fleet.sh up, with its own name, work dir, network and
-loopback ports, so it never meets `make fleet-demo`), removed at the end (scripts/fleet.sh
+loopback ports chosen by Docker, so it never meets `make fleet-demo`), removed at the end (scripts/fleet.sh
 down).  Fleets left behind by a test session that died are removed first (their containers
 carry the owner's pid).  Every test here is marked `fleet` (and `docker`, `consul` and
 `haproxy`, so the existing `-m "not docker ..."` selections leave them out).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -56,29 +55,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port_block(count: int) -> int:
-    """A first port such that `count` consecutive loopback ports are free."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free loopback ports")
 
 
 def remove_orphaned_fleets() -> None:
@@ -209,11 +185,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     remove_orphaned_fleets()
     name = f"ft{os.getpid()}"
     home = tmp_path_factory.mktemp("fleet")
-    port = free_port_block(4)
     env = {**os.environ, "FLEET_HOME": str(home), "FLEET_OWNER_PID": str(os.getpid())}
     env.pop("FLEET", None)
     t0 = time.monotonic()
-    proc = subprocess.run([str(SCRIPTS / "fleet.sh"), "--fleet", name, "--home", str(home), "up", "--port", str(port)],
+    proc = subprocess.run([str(SCRIPTS / "fleet.sh"), "--fleet", name, "--home", str(home), "up", "--port", "0"],
                           capture_output=True, text=True, env=env, timeout=1200, cwd=REPO)
     FIGURES["fleet_up_seconds"] = round(time.monotonic() - t0, 1)
     f = None
