@@ -47,9 +47,9 @@ def test_supervise_is_pid_1(start):
     code, out = service.exec(["cat", "/proc/1/cmdline"])
     assert code == 0, out
     argv = [a for a in out.split("\0") if a]
-    # A console script runs as `python /opt/venv/bin/supervise ...` (or renames itself).
-    assert any(a == "/opt/venv/bin/supervise" or a.startswith("supervise") for a in argv[:2]), argv
-    assert "app:application" in argv, argv
+    # The master titles itself (setproctitle): `supervise: master app:application`.
+    assert argv and argv[0].startswith("supervise: master "), argv
+    assert "app:application" in " ".join(argv), argv
     assert {"SIGHUP", "SIGTERM", "SIGINT", "SIGQUIT", "SIGCHLD"} <= caught_signals(service)
     assert service.get("/")[0] == 200
 
