@@ -64,6 +64,9 @@ def _blocks_as_exception(logger: Any, name: str, event: dict[str, Any]) -> dict[
     prints as a block after the event's line (a traceback read in another process arrives
     as text, not as exc_info)."""
     blocks = [str(event.pop(key)).rstrip("\n") for key in BLOCK_FIELDS if event.get(key)]
+    error = event.get("error")
+    if blocks and error and blocks[0].startswith(f"{error}\n"):
+        blocks[0] = blocks[0][len(error) + 1:]  # already on the event's line
     if blocks:
         if event.get("exception"):
             blocks.insert(0, str(event["exception"]).rstrip("\n"))

@@ -58,7 +58,8 @@ def test_console_format_prints_a_boot_traceback_as_a_block(tmp_path):
     assert any(line.startswith("  File ") and "app.py" in line for line in lines), result.stdout
     assert "\\n" not in result.stdout, "no escaped newlines: the traceback is a block"
     failed = next(line for line in lines if "boot_failed" in line)
-    assert "traceback=" not in failed
+    assert "traceback=" not in failed and "error='ValueError: bad config'" in failed
+    assert lines[lines.index(failed) + 1] == "Traceback (most recent call last):", "the block follows its event"
 
 
 def test_json_format_keeps_the_traceback_as_one_field(tmp_path):
