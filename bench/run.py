@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark supervise against gunicorn (sync, gthread), uWSGI and Granian; write docs/benchmarks.md.
+"""Benchmark supervise against gunicorn (sync, gthread), uWSGI and Granian (and, for ASGI, uvicorn, Granian
+and gunicorn's ASGI worker); write docs/benchmarks.md.
 
     python bench/run.py [--quick] [--servers supervise,gunicorn-gthread,...] [--duration S]
 
@@ -49,8 +50,9 @@ HOST = "127.0.0.1"
 APP_MODULE = "hello"
 RELOAD_INTERVAL = 2.0
 ALL_SERVERS = ["supervise", "supervise-nometrics", "supervise-watch", "gunicorn-sync", "gunicorn-gthread", "uwsgi",
-               "granian"]
+               "granian", "supervise-asgi", "uvicorn", "granian-asgi", "gunicorn-asgi"]
 PEERS = ["gunicorn-sync", "gunicorn-gthread", "uwsgi", "granian"]  # the servers supervise is compared with
+ASGI_PEERS = ["uvicorn", "granian-asgi", "gunicorn-asgi"]  # the same for supervise's ASGI worker
 
 RELOAD_LABELS = {
     "hup": "SIGHUP",
@@ -76,6 +78,8 @@ class Server:
     steady: bool = True
     fifo: bool = False
     available: Callable[[], str | None] = lambda: None  # None, or why not
+    template: str = "hello.py"  # the app, in bench/apps (hello_asgi.py for the ASGI servers)
+    asgi: bool = False
 
 
 @dataclasses.dataclass
@@ -155,12 +159,46 @@ def supervise_argv(ctx: Ctx, port: int, watch: bool, metrics: bool = True) -> li
     return argv
 
 
+def supervise_asgi_argv(ctx: Ctx, port: int) -> list[str]:
+    return [_exe("supervise"), f"{APP_MODULE}:application", "--interface", "asgi", "--bind", f"{HOST}:{port}",
+            "--workers", str(ctx.workers), "--chdir", str(ctx.appdir), "--backlog", str(ctx.backlog),
+            "--log-format", "json", "--no-watch"]
+
+
+def uvicorn_argv(ctx: Ctx, port: int) -> list[str]:
+    # SIGHUP replaces the workers (uvicorn >= 0.51: one at a time, after a readiness ping).
+    return [_exe("uvicorn"), f"{APP_MODULE}:application", "--host", HOST, "--port", str(port),
+            "--workers", str(ctx.workers), "--http", "httptools", "--loop", "uvloop", "--app-dir", str(ctx.appdir),
+            "--backlog", str(ctx.backlog), "--timeout-graceful-shutdown", "8", "--no-access-log",
+            "--log-level", "warning"]
+
+
+def granian_asgi_argv(ctx: Ctx, port: int) -> list[str]:
+    return [_exe("granian"), "--interface", "asgi", "--host", HOST, "--port", str(port),
+            "--workers", str(ctx.workers), "--runtime-threads", "1", "--loop", "uvloop",
+            "--backlog", str(ctx.backlog), "--working-dir", str(ctx.appdir), "--workers-kill-timeout", "8",
+            "--respawn-interval", "3.5", f"{APP_MODULE}:application"]
+
+
+def gunicorn_asgi_available() -> str | None:
+    why = _need("gunicorn")()
+    if why:
+        return why
+    try:
+        text = subprocess.run([_exe("gunicorn"), "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"`gunicorn --help` failed ({exc})"
+    return None if "--asgi-loop" in text else "the installed gunicorn has no ASGI worker"
+
+
 def gunicorn_argv(ctx: Ctx, port: int, klass: str) -> list[str]:
     argv = [_exe("gunicorn"), "--chdir", str(ctx.appdir), "--bind", f"{HOST}:{port}",
             "--workers", str(ctx.workers), "--worker-class", klass, "--backlog", str(ctx.backlog),
             "--graceful-timeout", "8"]
     if klass == "gthread":
         argv += ["--threads", str(ctx.gthread_threads)]
+    if klass == "asgi":
+        argv += ["--asgi-loop", "uvloop"]
     return argv + [f"{APP_MODULE}:application"]
 
 
@@ -200,6 +238,14 @@ SERVERS: dict[str, Server] = {s.name: s for s in [
     Server("uwsgi", "uWSGI (--http-socket)", uwsgi_argv, ["fifo-r", "fifo-c"], fifo=True,
            available=_need("uwsgi")),
     Server("granian", "Granian (WSGI)", granian_argv, ["hup"], available=_need("granian")),
+    Server("supervise-asgi", "supervise (ASGI)", supervise_asgi_argv, ["hup"], available=supervise_available,
+           template="hello_asgi.py", asgi=True),
+    Server("uvicorn", "uvicorn (httptools, uvloop)", uvicorn_argv, ["hup"], available=_need("uvicorn"),
+           template="hello_asgi.py", asgi=True),
+    Server("granian-asgi", "Granian (ASGI)", granian_asgi_argv, ["hup"], available=_need("granian"),
+           template="hello_asgi.py", asgi=True),
+    Server("gunicorn-asgi", "gunicorn asgi worker", lambda c, p: gunicorn_argv(c, p, "asgi"), ["hup"],
+           available=gunicorn_asgi_available, template="hello_asgi.py", asgi=True),
 ]}
 
 
@@ -209,12 +255,12 @@ SERVERS: dict[str, Server] = {s.name: s for s in [
 class App:
     """The scratch copy of bench/apps/hello.py and its VERSION."""
 
-    def __init__(self, appdir: Path) -> None:
+    def __init__(self, appdir: Path, template: str = "hello.py") -> None:
         self.appdir = appdir
         self.path = appdir / f"{APP_MODULE}.py"
-        self.template = (BENCH / "apps" / "hello.py").read_text()
+        self.template = (BENCH / "apps" / template).read_text()
         if not re.search(r'^VERSION = "[^"]*"$', self.template, re.M):
-            raise SystemExit("bench/apps/hello.py lost its VERSION line")
+            raise SystemExit(f"bench/apps/{template} lost its VERSION line")
         self.counter = 0
         self.version = ""
         appdir.mkdir(parents=True, exist_ok=True)
@@ -466,7 +512,7 @@ class Bench:
         self.server = server
         self.ctx = dataclasses.replace(ctx, appdir=ctx.rundir / f"app-{server.name}",
                                        fifo_name=f"{server.name}.fifo")
-        self.app = App(self.ctx.appdir)
+        self.app = App(self.ctx.appdir, server.template)
         self.opts = opts
         self.results = results
         self.info: dict[str, Any] = {"server": server.name, "label": server.label, "errors": [], "incidents": [],
@@ -925,7 +971,7 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
           "| wrk errors |",
           "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for s in servers:
-        if not s.steady:
+        if not s.steady or s.asgi:
             continue
         for ka in (True, False):
             b = st.get((s.name, "steady", ka))
@@ -945,6 +991,8 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
           "| new code seen | trigger → new code, median ms | → last old-code response, median ms |",
           "|---|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
     for s in servers:
+        if s.asgi:
+            continue
         for m in s.reloads:
             for ka in (True, False):
                 r = rl.get((s.name, m, ka))
@@ -963,6 +1011,8 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
           "| server | trigger | median ms | min ms | max ms | seen | failed |",
           "|---|---|---:|---:|---:|---|---|"]
     for s in servers:
+        if s.asgi:
+            continue
         for m in s.reloads:
             r = idle.get((s.name, m))
             if r:
@@ -1066,6 +1116,8 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
                 f"{fmt(r['median'], 0)} ms idle median{extra}", ratio(r["median"], limit), r["median"] <= limit)
     L.append("")
 
+    L += render_asgi([s for s in servers if s.asgi], summary)
+
     L += ["## Reading the numbers", "",
           "Failure kinds (from `bench/load.py`): `refused` (connect refused), `reset` (ECONNRESET/EPIPE), "
           "`eof` (closed before a complete response), `timeout`, `connect_timeout`, `bad_status:N`, `bad_body`, "
@@ -1126,6 +1178,56 @@ def render(envinfo: dict, imp: dict, opts: Opts, workers: int, servers: list[Ser
                     L += ["", "  ```"] + [f"  {p}" for p in f["problems"][:6]] + ["  ```", ""]
             L.append("")
     return "\n".join(L).rstrip() + "\n"
+
+
+def _seen(r: dict | None) -> str:
+    return f"{r['seen']}/{r['sent']}" if r else "–"
+
+
+def render_asgi(servers: list[Server], summary: dict) -> list[str]:
+    """The ASGI table: supervise's ASGI worker and the ASGI peers, the same hello app (bench/apps/hello_asgi.py)."""
+    if not servers:
+        return []
+    st, rl, idle = summary["steady"], summary["reload"], summary["idle"]
+    ka_txt = {True: "yes", False: "no"}
+    L = ["## ASGI", "",
+         "The same load and reloads with the ASGI hello app (`bench/apps/hello_asgi.py`, with a lifespan), "
+         "side by side: supervise's ASGI worker, uvicorn (`--workers`, httptools, uvloop), Granian "
+         "(`--interface asgi`) and gunicorn's ASGI worker when the installed gunicorn has one.", "",
+         "| server | keep-alive | steady req/s | p99 ms | wrk req/s | reloads: failed | failures by kind "
+         "| req/s during reloads | new code seen | trigger → new code, median ms | idle: trigger → new code, ms |",
+         "|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|"]
+    for s in servers:
+        for ka in (True, False):
+            b = st.get((s.name, "steady", ka)) or {}
+            w = st.get((s.name, "wrk", ka)) or {}
+            r = rl.get((s.name, "hup", ka))
+            i = idle.get((s.name, "hup")) if ka else None
+            failed = f"**{r['failed']}** of {r['ok'] + r['failed']:,}" if r else "–"
+            L.append(f"| {s.label} | {ka_txt[ka]} | {fmt(b.get('rps'), 0)} | {fmt(b.get('p99'))} | "
+                     f"{fmt(w.get('rps'), 0)} | {failed} | {fmt_errors(r['errors']) if r else ''} | "
+                     f"{fmt(r['rps'], 0) if r else '–'} | {_seen(r)} | "
+                     f"{fmt(r['new_code_ms'], 0) if r else '–'} | {fmt(i['median'], 0) if i else ''} |")
+    L.append("")
+    names = {s.name for s in servers}
+    if "supervise-asgi" in names:
+        L += ["| target (ASGI) | measured | met |", "|---|---|---|"]
+        for ka in (True, False):
+            for kind, client in (("steady", "bench client"), ("wrk", "wrk")):
+                mine = (st.get(("supervise-asgi", kind, ka)) or {}).get("rps")
+                peer = (st.get(("uvicorn", kind, ka)) or {}).get("rps")
+                a = ratio(mine, peer)
+                if a is not None:
+                    L.append(f"| steady req/s ≥ 1.0 × uvicorn, keep-alive {ka_txt[ka]} ({client}) | "
+                             f"{fmt(mine, 0)} vs {fmt(peer, 0)} req/s = {fmt(a)}× | {'yes' if a >= 1.0 else '**no**'} |")
+            r = rl.get(("supervise-asgi", "hup", ka))
+            if r:
+                peers = "; ".join(f"{SERVERS[p].label}: {rl[(p, 'hup', ka)]['failed']}" for p in ASGI_PEERS
+                                  if (p, "hup", ka) in rl)
+                L.append(f"| 0 failed requests during reloads, keep-alive {ka_txt[ka]} | {r['failed']} failed"
+                         f"{f' (peers: {peers})' if peers else ''} | {'yes' if r['failed'] == 0 else '**no**'} |")
+        L.append("")
+    return L
 
 
 def _stalled(ms: float) -> str:
