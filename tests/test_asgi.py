@@ -414,3 +414,32 @@ def test_bad_requests_get_a_clear_status_not_a_traceback(supervise, asgi_dir):
     assert http_get(sv.port) == (200, "version=1")
     assert not sv.find("app_exception") and "Traceback" not in sv.stderr
     assert sv.stop() == 0
+
+
+# --------------------------------------------------------------------------- observability
+
+
+def test_access_log_request_ids_and_metrics_as_for_wsgi(supervise, asgi_dir):
+    from tests.test_operations import scrape, value
+
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch", "--access-log",
+                   health=True).ready()
+    status, headers, _ = request(sv.port, "GET", "/?q=1", headers={"X-Request-ID": "client-id-1",
+                                                                   "User-Agent": "probe/1"})
+    assert status == 200 and headers["x-request-id"] == "client-id-1"  # a sane client id is kept
+    status, headers, _ = request(sv.port, "GET", "/", headers={"X-Request-ID": "bad id with spaces"})
+    fresh = headers["x-request-id"]
+    assert fresh != "bad id with spaces" and len(fresh) == 32  # junk is replaced
+    line = sv.wait_for("request", request_id="client-id-1")
+    assert (line["method"], line["path"], line["query"], line["status"], line["protocol"], line["user_agent"]) == \
+        ("GET", "/", "q=1", 200, "HTTP/1.1", "probe/1")
+    assert sv.wait_for("request", request_id=fresh)["bytes"] == len("version=1")
+    wait_until(lambda: value(scrape(sv), "supervise_http_requests_total", code="200", method="GET") >= 2, 10,
+               message="the requests counted in /metrics")
+    assert sv.stop() == 0
+    # --no-metrics: nothing counted, /metrics is gone (as for WSGI).
+    quiet = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch", "--no-metrics",
+                      health=True).ready()
+    assert http_get(quiet.port) == (200, "version=1")
+    assert http_get(quiet.health_port, "/metrics")[0] == 404
+    assert quiet.stop() == 0
