@@ -111,6 +111,16 @@ def test_processes_are_titled_master_workers_watcher(supervise, app_dir):
     assert sv.stop() == 0
 
 
+@pytest.mark.consul
+def test_the_consul_helper_is_titled_and_logs_as_itself(supervise, app_dir, consul_agent):
+    sv = supervise("app", "--chdir", str(app_dir), "--no-watch", "--workers", "1", "--consul", consul_agent.addr,
+                   "--consul-service", "first-hour", "--consul-timeout", "2").ready()
+    helper = sv.wait_for("consul_helper_started")
+    assert helper["role"] == "consul" and helper["pid"] != sv.pid
+    assert title(helper["pid"]) == "supervise: consul"
+    assert sv.stop() == 0
+
+
 def test_a_helper_is_titled_by_its_name():
     def body(sock: socket.socket) -> None:
         sock.recv(1)  # until the master closes its end
