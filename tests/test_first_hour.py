@@ -207,6 +207,38 @@ def test_reload_into_a_missing_code_directory_names_the_cause(supervise, tmp_pat
     assert sv.stop() == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_reload_into_an_unreadable_code_directory_names_the_cause(supervise, tmp_path):
+    """Root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH obeys the permission bits, as any user does."""
+    release1, release2 = tmp_path / "release1", tmp_path / "release2"
+    write_app(release1, "1")
+    write_app(release2, "2")
+    current = tmp_path / "current"
+    current.symlink_to(release1)
+    sv = supervise("app", "--chdir", str(current), "--no-watch", "--workers", "1",
+                   prefix=[shutil.which("setpriv"), "--bounding-set", "-dac_override,-dac_read_search"]).ready()
+    tmp = tmp_path / "current.tmp"
+    tmp.symlink_to(release2)
+    os.replace(tmp, current)
+    cause = f"the code directory {current} cannot be read (permission denied)"
+    try:
+        release2.chmod(0)  # the worker cannot even enter it: it dies without a word
+        failed = sv.reload()
+        assert failed["outcome"] == "failed" and failed["error"].endswith(cause), failed
+        release2.chmod(0o311)  # it can enter but not list it: the import fails, and why is added
+        failed = sv.reload()
+        assert failed["error"] == f"ModuleNotFoundError: No module named 'app': {cause}", failed
+        assert sv.get()[1] == "version=1"
+        # Negative control: readable again, the same reload succeeds and names no cause.
+        release2.chmod(0o755)
+        done = sv.reload()
+        assert done["outcome"] == "succeeded" and "error" not in done
+        assert sv.get()[1] == "version=2"
+    finally:
+        release2.chmod(0o755)
+    assert sv.stop() == 0
+
+
 def test_worker_draining_is_logged_when_the_drain_starts(supervise, app_dir):
     """With one thread a worker busy in a request notices SIGTERM only when the request ends;
     the master logs the drain as it starts it."""
