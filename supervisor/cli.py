@@ -56,6 +56,8 @@ class _KVError(Exception):
 def _validate(config: Config) -> None:
     if config.chdir and not os.path.isdir(config.chdir):
         raise ConfigError(f"invalid value for --chdir: {config.chdir!r} is not a directory")
+    if config.chdir and not os.access(config.chdir, os.R_OK | os.X_OK):
+        raise ConfigError(f"invalid value for --chdir: {config.chdir!r} cannot be read (permission denied)")
     if config.consul_kv_prefix and not config.consul:
         raise ConfigError("--consul-kv-prefix needs --consul (or CONSUL_HTTP_ADDR)")
     if config.consul and config.consul_check == "http" and not config.health_bind:

@@ -239,6 +239,21 @@ def test_reload_into_an_unreadable_code_directory_names_the_cause(supervise, tmp
     assert sv.stop() == 0
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_an_unreadable_code_directory_at_start_is_one_clear_line_and_exit_2(tmp_path):
+    write_app(tmp_path / "code")
+    (tmp_path / "code").chmod(0o311)
+    try:
+        result = subprocess.run([shutil.which("setpriv"), "--bounding-set", "-dac_override,-dac_read_search",
+                                 sys.executable, "-m", "supervisor", "app", "--chdir", str(tmp_path / "code"),
+                                 "--bind", f"127.0.0.1:{free_port()}"], env=ENV, capture_output=True, text=True,
+                                timeout=30)
+    finally:
+        (tmp_path / "code").chmod(0o755)
+    assert result.returncode == 2
+    assert "cannot be read (permission denied)" in one_clear_line(result)
+
+
 def test_worker_draining_is_logged_when_the_drain_starts(supervise, app_dir):
     """With one thread a worker busy in a request notices SIGTERM only when the request ends;
     the master logs the drain as it starts it."""
