@@ -415,6 +415,10 @@ class Config:
     websocket_max_message_size: int = setting(
         size, 16 * 1024 * 1024, "Largest WebSocket message (its fragments together); a larger one closes "
         "the connection with 1009. 0 means no limit.", "ASGI", metavar="SIZE", default_doc="16M")
+    websocket_ping_interval: float = setting(
+        duration, 20.0, "Ping a WebSocket client that sent nothing for this long; one that still sends nothing "
+        "(no pong) for as long again is dropped (a dead peer costs nothing for long). 0: never ping.", "ASGI",
+        metavar="DURATION")
     websocket_drain: float = setting(
         duration, 0.0, "On a reload (or a recycle, or scaling in), how long the old workers' WebSockets may "
         "go on once the new generation serves; then they are closed with 1012 (service restart) so that "

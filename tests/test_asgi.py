@@ -443,3 +443,21 @@ def test_access_log_request_ids_and_metrics_as_for_wsgi(supervise, asgi_dir):
     assert http_get(quiet.port) == (200, "version=1")
     assert http_get(quiet.health_port, "/metrics")[0] == 404
     assert quiet.stop() == 0
+
+
+def test_a_silent_websocket_peer_is_pinged_then_dropped_and_a_live_one_stays(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch",
+                   "--websocket-ping-interval", "0.5").ready()
+    with connect(ws_url(sv.port), compression=None) as live:  # answers pings (the websockets library does)
+        assert live.recv(timeout=5) == "version=1"
+        with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as dead:
+            dead.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            assert dead.recv(4096).startswith(b"HTTP/1.1 101 ")
+            # ...and then it never answers anything: the server pings, waits, and drops it.
+            event = sv.wait_for("client_timeout", phase="websocket ping")
+            assert event["seconds"] == 0.5
+        live.send("still here")
+        assert live.recv(timeout=5) == "echo:still here"
+    assert len(sv.find("client_timeout", phase="websocket ping")) == 1
+    assert sv.stop() == 0

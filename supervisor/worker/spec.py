@@ -17,7 +17,8 @@ class RequestLimits:
 
 
 # The ASGI settings a worker gets as they are (Config field -> WorkerSpec field of the same name).
-ASGI_SPEC = ("interface", "lifespan", "limit_concurrency", "websocket_max_message_size", "websocket_drain")
+ASGI_SPEC = ("interface", "lifespan", "limit_concurrency", "websocket_max_message_size", "websocket_drain",
+             "websocket_ping_interval")
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,4 @@ class WorkerSpec:
     limit_concurrency: int = 0  # 0: no limit; else 503 beyond this many requests in flight
     websocket_max_message_size: int = 16 * 1024 * 1024
     websocket_drain: float = 0.0  # on a reload, WebSockets get this long before their 1012
+    websocket_ping_interval: float = 20.0  # ping a silent client after this long; drop it after as long again

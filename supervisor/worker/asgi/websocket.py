@@ -63,12 +63,16 @@ class WsConn(asyncio.Protocol):
         self.status = 0  # the handshake's answer (101, 403, 500...) for the log
         self.max_size = worker.spec.websocket_max_message_size
         self.told = False  # the app got its websocket.disconnect
+        self.heard = started  # when the client last sent anything
+        self.pinged = False  # a keep-alive ping is unanswered
         worker.conns.add(self)
         worker.websockets += 1
         self._feed(handshake)
 
     # ------------------------------------------------------------------ asyncio callbacks
     def data_received(self, data: bytes) -> None:
+        self.heard = time.monotonic()  # any bytes prove the peer alive (a pong among them)
+        self.pinged = False
         self._feed(data)
 
     def eof_received(self) -> bool | None:
@@ -277,6 +281,15 @@ class WsConn(asyncio.Protocol):
             self.worker.client_timeout(self, "write", self.worker.spec.write_timeout)
             self.transport.abort()
             return
+        interval = self.worker.spec.websocket_ping_interval
+        if interval > 0 and self.state == OPEN and now - self.heard >= interval:
+            if self.pinged and now - self.heard >= 2 * interval:
+                self.worker.client_timeout(self, "websocket ping", interval)
+                self.transport.abort()  # a dead peer: no close handshake to wait for
+                return
+            if not self.pinged:
+                self.pinged = True
+                self._write(self.ws.send(Ping(b"supervise")))
         if self.close_at is not None and now >= self.close_at and self.state in (HANDSHAKE, OPEN):
             self.close_at = None
             self.close(self.close_code, "service restart")
