@@ -461,3 +461,38 @@ def test_a_silent_websocket_peer_is_pinged_then_dropped_and_a_live_one_stays(sup
         assert live.recv(timeout=5) == "echo:still here"
     assert len(sv.find("client_timeout", phase="websocket ping")) == 1
     assert sv.stop() == 0
+
+
+def test_slow_heads_and_stalled_bodies_get_408_and_cost_only_themselves(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "reader.py").write_text(textwrap.dedent('''
+        async def application(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            body = str(size).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+    '''))
+    sv = supervise("reader", "--workers", "1", "--chdir", str(code), "--no-watch", "--header-timeout", "1",
+                   "--body-timeout", "1").ready()
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as slow_head, \
+            socket.create_connection(("127.0.0.1", sv.port), timeout=10) as slow_body:
+        slow_head.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        slow_body.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")  # 7 bytes never come
+        assert http_get(sv.port) == (200, "0")  # others are served meanwhile
+        assert slow_head.recv(4096).startswith(b"HTTP/1.1 408 ")
+        assert slow_body.recv(4096).startswith(b"HTTP/1.1 408 ")
+    assert sv.find("client_timeout", phase="head") and sv.find("client_timeout", phase="body")
+    # Negative control: a body that arrives whole is read.
+    status, _, body = request(sv.port, "POST", "/", b"0123456789")
+    assert (status, body) == (200, b"10")
+    assert sv.stop() == 0

@@ -50,6 +50,31 @@ _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason
     429: "Too Many Requests", 502: "Bad Gateway", 504: "Gateway Timeout"}.items()}
 
 
+LENGTH, CONNECTION, DATE, REQUEST_ID = 1, 2, 3, 4
+_KINDS = {b"content-length": LENGTH, b"connection": CONNECTION, b"date": DATE, b"x-request-id": REQUEST_ID}
+HEAD_CACHE = 4096  # validated response header lines kept per worker
+
+
+def _head_line(header: Any) -> tuple[bytes, int]:
+    """One response header from the app, checked: its line and what kind it is."""
+    try:
+        name, value = header
+    except (TypeError, ValueError):
+        raise RuntimeError(f"a response header must be a [name, value] pair, not {header!r}") from None
+    if not isinstance(name, bytes) or not isinstance(value, bytes):
+        raise RuntimeError(f"response header {header!r}: name and value must be bytes")
+    if not _TOKEN.fullmatch(name):
+        raise RuntimeError(f"invalid response header name {name!r}")
+    if not _VALUE.fullmatch(value):
+        raise RuntimeError(f"response header {name!r} has a control character (CR, LF, NUL...)")
+    lname = name.lower()
+    if lname in _NOT_FROM_APPS:
+        raise RuntimeError(f"the app must not set {name!r} (hop-by-hop, the server's business)")
+    if lname == b"content-length" and not value.strip().isdigit():
+        raise RuntimeError(f"invalid content-length from the app: {value!r}")
+    return b"%b: %b\r\n" % (name, value), _KINDS.get(lname, 0)
+
+
 class Parser(Connection):
     """The WSGI worker's parser, in streaming mode, that keeps what follows an Upgrade head
     (the WebSocket's first frames) instead of ignoring the upgrade."""
@@ -197,26 +222,30 @@ class Cycle:
         conn = self.conn
         lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         has_date = False
-        for name, value in message.get("headers", ()):
-            lname = name.lower()
-            if not _TOKEN.fullmatch(name):
-                raise RuntimeError(f"invalid response header name {name!r}")
-            if not _VALUE.fullmatch(value):
-                raise RuntimeError(f"response header {name!r} has a control character (CR, LF, NUL...)")
-            if lname == b"content-length":
-                self.length = int(value)
-            elif lname == b"connection":
-                if b"close" in value.lower():
-                    self.close = True
-                continue
-            elif lname == b"date":
-                has_date = True
-            elif lname == b"x-request-id":
-                self.app_rid = True
-                self.request_id = value.decode("latin-1")
-            elif lname in _NOT_FROM_APPS:
-                raise RuntimeError(f"the app must not set {name!r} (hop-by-hop, the server's business)")
-            lines.append(b"%b: %b\r\n" % (name, value))
+        cache = conn.worker.head_lines
+        for header in message.get("headers", ()):
+            hit = cache.get(header) if type(header) is tuple else None
+            if hit is None:
+                hit = _head_line(header)
+                if type(header) is tuple:
+                    if len(cache) >= HEAD_CACHE:
+                        cache.clear()  # bounded: varied values (lengths, cookies) start it over
+                    cache[header] = hit
+            line, kind = hit
+            if kind:
+                value = header[1]
+                if kind == LENGTH:
+                    self.length = int(value)
+                elif kind == CONNECTION:
+                    if b"close" in value.lower():
+                        self.close = True
+                    continue
+                elif kind == DATE:
+                    has_date = True
+                else:
+                    self.app_rid = True
+                    self.request_id = value.decode("latin-1")
+            lines.append(line)
         self.status = status
         self.head = self.req.method == b"HEAD"
         if self.request_id is not None and not self.app_rid:

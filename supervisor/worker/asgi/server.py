@@ -95,6 +95,7 @@ class AsgiWorker:
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
         self.websocket_drain = min(spec.websocket_drain, spec.graceful_timeout * (1 - LIFESPAN_SHARE))
         self.date = _DateCache()
+        self.head_lines: dict[Any, tuple[bytes, int]] = {}  # validated response header lines (bounded)
         self.lifespan = Lifespan(app, spec.lifespan, log)
         self.draining = False
         self.drain_why = "shutdown"  # from the master's Draining message
