@@ -95,6 +95,35 @@ def test_console_format_in_any_process_renders_traceback_and_exc_info_as_blocks(
     assert "\\n" not in out.stdout
 
 
+def test_a_helper_thread_that_dies_is_an_event_with_its_traceback():
+    code = textwrap.dedent("""
+        import os, socket, threading
+        from supervisor import logs
+        from supervisor.master.helpers import fork_helper
+        logs.configure("info", "json", role="master")
+
+        def body(sock):
+            def boom():
+                raise OSError("inotify went away")
+            t = threading.Thread(target=boom, name="emitter")
+            t.start()
+            t.join()
+            sock.recv(1)
+
+        pid, chan = fork_helper(body, "watcher")
+        chan.close()
+        os.waitpid(pid, 0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    crashed = [e for e in events if e["event"] == "thread_crashed"]
+    assert len(crashed) == 1, events
+    assert crashed[0]["role"] == "watcher" and crashed[0]["thread"] == "emitter"
+    assert crashed[0]["error"] == "OSError: inotify went away"
+    assert "Traceback (most recent call last):" in crashed[0]["traceback"]
+
+
 # --------------------------------------------------------------------------- item 6: process titles
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
@@ -38,6 +39,7 @@ def fork_helper(main: HelperMain, name: str = "helper") -> tuple[int, Channel]:
             proc.set_title(name)
             # Inherited from the master through fork: tag our events as this process's.
             structlog.contextvars.bind_contextvars(pid=os.getpid(), role=name)
+            threading.excepthook = _thread_crash_logger(name)  # watchdog's threads, the agent's...
             main(child)
         except BaseException as exc:  # noqa: BLE001 - report, then leave without running master code
             try:
@@ -50,6 +52,21 @@ def fork_helper(main: HelperMain, name: str = "helper") -> tuple[int, Channel]:
             os._exit(code)
     child.close()
     return pid, Channel(parent, queue_sends=True)
+
+
+def _thread_crash_logger(name: str) -> Callable[[Any], None]:
+    """An exception that ends a helper's thread is an event with its traceback, not plain text
+    on stderr.  (A new thread starts without the context variables: pid and role are bound.)"""
+
+    def hook(args: Any) -> None:
+        if args.exc_type is SystemExit:
+            return
+        logs.get(pid=os.getpid(), role=name).error(
+            "thread_crashed", helper=name, thread=args.thread.name if args.thread is not None else None,
+            error=f"{args.exc_type.__name__}: {args.exc_value}",
+            traceback="".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+
+    return hook
 
 
 def stop_helper(pid: int, chan: Channel) -> None:
