@@ -173,6 +173,8 @@ class Cycle:
     # ------------------------------------------------------------------ send
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
+        if self.disconnected:
+            return  # the client is gone, or the server answered for the app (408, 413): nothing to send
         if kind == "http.response.body":
             if not self.head_sent:
                 raise RuntimeError("http.response.body before http.response.start")
@@ -363,8 +365,11 @@ class HttpConn(asyncio.Protocol):
         cycle = self.cycle
         if cycle is not None:
             if c.error is not None and c.failed is cycle.req:  # type: ignore[union-attr]
-                cycle.disconnected = True  # its body is broken (over the limit, malformed)
-                self.closing = True
+                self.closing = True  # its body is broken (malformed chunks, a trailer over its limit)
+                if not cycle.head_sent and not cycle.disconnected:
+                    self.worker.reject(self, c.error, c.why)  # type: ignore[union-attr]
+                    cycle._error(c.error)  # type: ignore[union-attr]
+                cycle.disconnected = True
             elif c.requests and c.requests[0] is cycle.req:  # type: ignore[union-attr]
                 req = cycle.req
                 self.buffered = sum(map(len, req.stream)) if req.stream else 0

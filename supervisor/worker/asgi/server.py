@@ -82,6 +82,7 @@ class AsgiWorker:
         self.conns: set[Any] = set()  # HttpConn and WsConn
         self.live: set[Any] = set()  # requests and WebSockets whose app call runs
         self.inflight = 0
+        self.connecting = 0  # accepted connections whose transport is being set up
         self.websockets = 0
         self.requests = 0  # requests finished
         self.started = 0  # requests handed to the app
@@ -225,7 +226,8 @@ class AsgiWorker:
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if self.draining and not self.conns and not self.live and self.done is not None and not self.done.done():
+        if (self.draining and not self.conns and not self.live and not self.connecting and self.done is not None
+                and not self.done.done()):
             self.done.set_result(None)
 
     # ------------------------------------------------------------------ accepting
@@ -295,6 +297,7 @@ class AsgiWorker:
             except OSError:
                 pass
         conn = HttpConn(self)
+        self.connecting += 1  # accepted, not in self.conns yet: the drain must wait for it too
         self.loop.create_task(self._connect(sock, conn))
 
     async def _connect(self, sock: socket.socket, conn: HttpConn) -> None:
@@ -303,6 +306,10 @@ class AsgiWorker:
         except OSError:
             sock.close()
             return
+        finally:
+            self.connecting -= 1
+            if self.draining:
+                self._check_drained()
         if len(self.conns) >= self.spec.worker_connections:
             self._update_accepting()
 
