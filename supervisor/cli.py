@@ -58,6 +58,12 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"invalid value for --chdir: {config.chdir!r} is not a directory")
     if config.chdir and not os.access(config.chdir, os.R_OK | os.X_OK):
         raise ConfigError(f"invalid value for --chdir: {config.chdir!r} cannot be read (permission denied)")
+    module, sep, attr = config.app.partition(":")
+    stem = module[:-3]
+    if module.endswith(".py") and os.path.isfile(os.path.join(config.chdir or ".", *stem.split(".")) + ".py"):
+        # `app.py` names a file: its module `app` cannot also be a package holding a module `py`.
+        raise ConfigError(f"invalid value for APP: {config.app!r} is a file name; give the module: "
+                          f"{stem + sep + attr!r}")
     if config.consul_kv_prefix and not config.consul:
         raise ConfigError("--consul-kv-prefix needs --consul (or CONSUL_HTTP_ADDR)")
     if config.consul and config.consul_check == "http" and not config.health_bind:

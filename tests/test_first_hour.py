@@ -172,6 +172,28 @@ def test_empty_callable_name_is_one_clear_line_and_exit_2():
         assert "nothing after ':'" in one_clear_line(result)
 
 
+@pytest.mark.parametrize("app, file, hint", [
+    ("app.py", "app.py", "'app'"),
+    ("app.py:application", "app.py", "'app:application'"),
+    ("pkg.web.py", "pkg/web.py", "'pkg.web'"),
+])
+def test_a_file_name_for_app_is_one_clear_line_naming_the_module(tmp_path, app, file, hint):
+    write_app(tmp_path / Path(file).parent, name=Path(file).name)
+    result = run(app, "--chdir", str(tmp_path), "--bind", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert f"is a file name; give the module: {hint}" in one_clear_line(result)
+
+
+def test_a_module_named_like_a_file_is_not_mistaken_for_one(supervise, tmp_path):
+    """Negative control: with no file app.py, `app.py` is the module `py` of a package `app`."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
+    write_app(tmp_path / "app", name="py.py")
+    sv = supervise("app.py", "--chdir", str(tmp_path), "--workers", "1", "--no-watch").ready()
+    assert sv.get()[1] == "version=1"
+    assert sv.stop() == 0
+
+
 def test_module_calling_os_exit_at_import_fails_at_once_not_at_boot_timeout(tmp_path):
     write_app(tmp_path, extra="os._exit(0)")
     # The boot timeout is longer than the run's own timeout: only an immediate failure passes.
