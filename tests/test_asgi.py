@@ -197,6 +197,19 @@ def test_hups_under_load_zero_failures_and_versions_only_move_forward(supervise,
     assert sv.stop() == 0
 
 
+def test_max_requests_recycles_asgi_workers_without_failures(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch",
+                   "--max-requests", "100", "--max-requests-jitter", "20").ready()
+    with Load(sv.port, clients=4) as load, Load(sv.port, clients=2, keepalive=False) as fresh:
+        wait_until(lambda: len(sv.find("worker_recycle")) >= 3, timeout=30, message="3 recycles")
+        load.wait_requests(100)
+        fresh.wait_requests(20)
+    for each in (load, fresh):
+        assert not each.failures(), each.summary()
+    assert sv.find("worker_draining", reason="recycle")  # the worker was told why (WebSockets: 1012)
+    assert sv.stop() == 0
+
+
 def test_lifespan_startup_failure_on_reload_leaves_the_old_generation_serving(supervise, asgi_dir):
     sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
     with Load(sv.port, clients=4) as load:
