@@ -4,7 +4,9 @@
 #
 #   make fleet-demo     build the images, start the fleet, print its URLs and commands
 #   make fleet-down     remove its containers, network, volumes and work dir
-#   make test-fleet     the end-to-end fleet tests (tests/fleet, marker `fleet`), ~2-3 min warm
+#   make test-fleet     the end-to-end fleet tests (tests/fleet, marker `fleet`): 3-4 min warm, 6 cold
+#
+# FLEET_PORT=0: loopback ports chosen by Docker (printed), as the tests do.
 FLEET_PORT ?= 8090
 FLEET_DCS  ?= prod,dev
 FLEET_VMS  ?= 3
