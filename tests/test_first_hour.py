@@ -124,6 +124,31 @@ def test_a_helper_thread_that_dies_is_an_event_with_its_traceback():
     assert "Traceback (most recent call last):" in crashed[0]["traceback"]
 
 
+def test_a_python_warning_in_a_helper_is_an_event_once_per_source_line():
+    code = textwrap.dedent("""
+        import os, warnings
+        from supervisor import logs
+        from supervisor.master.helpers import fork_helper
+        logs.configure("info", "json", role="master")
+
+        def body(sock):
+            for n in range(3):
+                warnings.warn(f"Unverified HTTPS request {n} " + "x" * 1000, RuntimeWarning)
+            sock.recv(1)
+
+        pid, chan = fork_helper(body, "consul")
+        chan.close()
+        os.waitpid(pid, 0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    warned = [e for e in events if e["event"] == "python_warning"]
+    assert len(warned) == 1, events
+    assert warned[0]["role"] == "consul" and warned[0]["category"] == "RuntimeWarning"
+    assert warned[0]["message"].startswith("Unverified HTTPS request 0 ") and len(warned[0]["message"]) < 400
+
+
 # --------------------------------------------------------------------------- item 6: process titles
 
 

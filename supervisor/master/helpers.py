@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import traceback
+import warnings
 from typing import Any, Callable
 
 import structlog
@@ -40,6 +41,7 @@ def fork_helper(main: HelperMain, name: str = "helper") -> tuple[int, Channel]:
             # Inherited from the master through fork: tag our events as this process's.
             structlog.contextvars.bind_contextvars(pid=os.getpid(), role=name)
             threading.excepthook = _thread_crash_logger(name)  # watchdog's threads, the agent's...
+            warnings.showwarning = _warning_logger(name)  # e.g. urllib3's, in the Consul helper
             main(child)
         except BaseException as exc:  # noqa: BLE001 - report, then leave without running master code
             try:
@@ -67,6 +69,27 @@ def _thread_crash_logger(name: str) -> Callable[[Any], None]:
             traceback="".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
 
     return hook
+
+
+WARNING_CHARS = 300  # a warning's text is cut here (some repr whole tables)
+
+
+def _warning_logger(name: str) -> Callable[..., None]:
+    """A Python warning raised in a helper is a `python_warning` event, not plain text on
+    stderr; each source line once (the same warning tends to repeat for every request)."""
+    seen: set[tuple[str, int, str]] = set()
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if (filename, lineno, category.__name__) in seen:
+            return
+        seen.add((filename, lineno, category.__name__))
+        text = " ".join(str(message).split())
+        logs.get(pid=os.getpid(), role=name).warning(
+            "python_warning", helper=name, category=category.__name__, where=f"{filename}:{lineno}",
+            message=text if len(text) <= WARNING_CHARS else text[:WARNING_CHARS] + "...")
+
+    return show
 
 
 def stop_helper(pid: int, chan: Channel) -> None:
