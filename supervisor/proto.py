@@ -116,6 +116,47 @@ class Adopt(Message):
     carries_fd: ClassVar[bool] = True
 
 
+# --------------------------------------------------------------------------- zygote <-> master (--preload)
+
+
+@dataclass(frozen=True)
+class ZygoteReady(Message):
+    """A generation's zygote imported the app (and froze its heap): it forks workers on
+    request.  `code`: the fingerprint of what it imported, as in `Ready`."""
+
+    kind: ClassVar[str] = "zygote_ready"
+    code: str = ""
+    threads: list[str] = field(default_factory=list)  # other threads alive at fork time (a fork-safety mistake)
+
+
+@dataclass(frozen=True)
+class ForkPipe(Message):
+    """To a zygote, just before `Fork`: the write end of the next worker's stack-dump pipe."""
+
+    kind: ClassVar[str] = "fork_pipe"
+    carries_fd: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Fork(Message):
+    """To a zygote: fork the worker for `slot`; the descriptor is its end of its channel."""
+
+    kind: ClassVar[str] = "fork"
+    carries_fd: ClassVar[bool] = True
+    slot: int = 0
+
+
+@dataclass(frozen=True)
+class Forked(Message):
+    """From a zygote: the worker for `slot` runs as `pid` (0: the fork failed, see `error`).
+    The worker is the master's child (the zygote forks twice), so the master reaps it."""
+
+    kind: ClassVar[str] = "forked"
+    slot: int = 0
+    pid: int = 0
+    error: str = ""
+
+
 # --------------------------------------------------------------------------- watcher -> master
 
 
@@ -247,7 +288,7 @@ KINDS: dict[str, type[Message]] = {
     cls.kind: cls for cls in (
         Ready, BootError, Beat, RequestTimedOut, Handoff, StartAccepting, Draining, Adopt, Watching, Changed, Retarget,
         HelperWarning, HelperFailing, Register, Alive, Note, Withdraw, Registered, ConsulDown,
-        ConsulUp, KVChanged, Withdrawn)
+        ConsulUp, KVChanged, Withdrawn, ZygoteReady, ForkPipe, Fork, Forked)
 }
 
 

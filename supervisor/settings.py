@@ -379,6 +379,13 @@ class Config:
     max_requests_jitter: int = setting(
         non_negative_int, 0, "Add a random 0..N to --max-requests per worker so workers do not all recycle "
         "at once.", "Lifecycle", metavar="N")
+    preload: bool = setting(
+        boolean, False, "Import the app once per generation in a zygote process (forked from the master, "
+        "which still never imports it), freeze its heap (gc.freeze) and fork the generation's workers from "
+        "it: they share the imported memory copy-on-write and boot in a fork's time. A reload starts a new "
+        "zygote on the new code; a zygote that fails to import is a failed boot (the old generation serves "
+        "on). See \"Preloading\" in docs/operations.md for what an app must not do at import.",
+        "Lifecycle", switch=True)
     max_rss: int = setting(
         size, 0, "Recycle a worker whose resident memory exceeds this (0: never), e.g. 512M. Checked by the "
         "master every few seconds.", "Lifecycle", metavar="SIZE")

@@ -11,9 +11,9 @@ import random
 from typing import Any
 
 from supervisor import proto
-from supervisor.lifecycle.actions import Action, Exit, Log, Spawn, StartHelper
+from supervisor.lifecycle.actions import Action, Exit, Log, Spawn, StartHelper, StartZygote
 from supervisor.lifecycle.core import Lifecycle, Plan, drive
-from supervisor.lifecycle.events import Event, Exited, HelperStarted, Said, Signalled, Spawned
+from supervisor.lifecycle.events import Event, Exited, HelperStarted, Said, Signalled, Spawned, ZygoteStarted
 from supervisor.lifecycle.pool import PoolLimits
 from supervisor.lifecycle.shutdown import ShutdownTimes
 
@@ -45,6 +45,8 @@ class Sim:
             self.core.handle(Spawned(action.generation, action.slot, next(self.pids)), self.now)
         elif isinstance(action, StartHelper):
             self.core.handle(HelperStarted(action.name, next(self.pids)), self.now)
+        elif isinstance(action, StartZygote):
+            self.core.handle(ZygoteStarted(action.generation, next(self.pids)), self.now)
 
     def step(self) -> list[object]:
         self._batch = []

@@ -24,6 +24,16 @@ class Spawn:
     generation: int
     slot: int
     env: Mapping[str, str] = field(default_factory=dict)
+    zygote: int | None = None  # --preload: ask this zygote (pid) to fork it
+
+
+@dataclass(frozen=True)
+class StartZygote:
+    """--preload: fork the zygote of `generation`; it imports the app once and forks the
+    generation's workers."""
+
+    generation: int
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,7 @@ class Exit:
     reason: str
 
 
-Action = Union[Spawn, Accept, Drain, Kill, Log, Tell, Forward, StartHelper, Measure, Exit]
+Action = Union[Spawn, StartZygote, Accept, Drain, Kill, Log, Tell, Forward, StartHelper, Measure, Exit]
 
 
 # Milestones: what the pool tells the rest of the lifecycle (never carried out by the master).

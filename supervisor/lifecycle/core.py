@@ -27,6 +27,7 @@ from supervisor.lifecycle.consul_link import ConsulLink
 from supervisor.lifecycle.debounce import Debouncer
 from supervisor.lifecycle.events import (
     Event, Exited, HelperStarted, HelperStartFailed, Measured, Said, SendFailed, Signalled, Spawned, SpawnFailed,
+    ZygoteStarted,
 )
 from supervisor.lifecycle.helpers import HelperSlot
 from supervisor.lifecycle.metrics import Totals
@@ -107,6 +108,8 @@ class Lifecycle:
             self.pool.spawned(now, event.generation, event.slot, event.pid)
         elif isinstance(event, SpawnFailed):
             self.pool.spawn_failed(now, event.generation, event.slot, event.error)
+        elif isinstance(event, ZygoteStarted):
+            self.pool.zygote_started(now, event.generation, event.pid, event.error)
         elif isinstance(event, Said):
             self._said(event, now)
         elif isinstance(event, Exited):
@@ -167,6 +170,12 @@ class Lifecycle:
                 self.pool.boot_error(now, pid, message.error)
             elif isinstance(message, proto.RequestTimedOut):
                 self.pool.recycle(now, pid, f"a request ran past --request-timeout ({message.method} {message.path})")
+            return
+        if self.pool.zygote_of(pid) is not None:
+            if isinstance(message, proto.ZygoteReady):
+                self.pool.zygote_ready(now, pid, tuple(message.threads))
+            elif isinstance(message, proto.BootError):
+                self.pool.boot_error(now, pid, message.error)
             return
         helper = self.helper_named(pid)
         if helper is None:
@@ -229,7 +238,7 @@ class Lifecycle:
             self._out.append(Tell(pid, message))
 
     def _send_failed(self, pid: int, now: float) -> None:
-        if pid in self.pool.workers:
+        if pid in self.pool.workers or self.pool.zygote_of(pid) is not None:
             self.pool.unreachable(now, pid)
         elif (helper := self.helper_named(pid)) is not None:
             self._out.append(Kill(pid, f"its channel to the master broke ({helper.name} helper)"))

@@ -33,6 +33,15 @@ class SpawnFailed:
 
 
 @dataclass(frozen=True)
+class ZygoteStarted:
+    """--preload: the zygote of `generation` was forked (pid), or could not be (`error`)."""
+
+    generation: int
+    pid: int | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class HelperStarted:
     name: str
     pid: int
@@ -79,5 +88,5 @@ class Measured:
     rss: int | None
 
 
-Event = Union[Signalled, Spawned, SpawnFailed, HelperStarted, HelperStartFailed, Said, SendFailed, Exited,
+Event = Union[Signalled, Spawned, SpawnFailed, ZygoteStarted, HelperStarted, HelperStartFailed, Said, SendFailed, Exited,
               Measured]

@@ -30,6 +30,7 @@ from typing import Mapping, Protocol, Union
 
 from supervisor.lifecycle.actions import (
     Accept, Action, Drain, Exit, GenerationServing, Kill, Level, Log, Milestone, PoolEmpty, ReloadFailed, Spawn,
+    StartZygote,
 )
 from supervisor.lifecycle.backoff import WORKER_RESPAWN
 from supervisor.lifecycle.metrics import Histogram
@@ -61,6 +62,15 @@ class Retire(str, Enum):
 
     GRACEFUL = "graceful"  # drain every worker, kill what is left at the graceful timeout
     FAST = "fast"  # kill every worker now
+
+
+class ZygoteState(str, Enum):
+    """--preload: a generation's zygote imports the app once and forks its workers."""
+
+    FORKING = "forking"  # StartZygote emitted, pid not known yet
+    STARTING = "starting"  # importing the app
+    READY = "ready"  # forks workers on request
+    STOPPING = "stopping"  # killed: its generation is retired, or it failed
 
 
 BOOTING = (WorkerState.STARTING, WorkerState.READY)
@@ -118,6 +128,19 @@ class Generation:
     code: str | None = None  # the fingerprint of the code its workers run (from the first ready one)
 
 
+@dataclass
+class Zygote:
+    generation: int
+    requested_at: float
+    pid: int | None = None
+    state: ZygoteState = ZygoteState.FORKING
+    started_at: float | None = None
+    ready_at: float | None = None
+    boot_error: str | None = None
+    threads: tuple[str, ...] = ()  # threads alive when it was ready to fork (a fork-safety mistake)
+    timed_out: bool = False  # killed at the boot timeout
+
+
 @dataclass(frozen=True)
 class PoolLimits:
     workers: int
@@ -129,6 +152,7 @@ class PoolLimits:
     max_requests_jitter: int = 0
     boot_concurrency: int = 8  # most workers importing the app at once: a fork storm never starves the loop
     max_workers: int = 0  # live scaling stops here (0: at `workers`)
+    preload: bool = False  # each generation's workers are forked by its zygote
 
 
 @dataclass(frozen=True)
@@ -170,6 +194,11 @@ class Pool:
         self.reloads: deque[dict[str, object]] = deque(maxlen=RELOADS_KEPT)
         self._stale: set[int] = set()  # slots whose respawn loaded other code: refilled by a reload
         self._done = False  # the terminal output (Exit or PoolEmpty) was emitted
+        # --preload: each generation's zygote (by generation), and when a generation whose
+        # zygote died may start the next one (backoff, like a slot's respawn).
+        self.zygotes: dict[int, Zygote] = {}
+        self._zygote_failures: dict[int, int] = {}
+        self._zygote_at: dict[int, float] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -180,6 +209,9 @@ class Pool:
 
     def starting_generation(self) -> Generation | None:
         return next((g for g in self.generations.values() if g.state == GenState.STARTING), None)
+
+    def zygote_of(self, pid: int) -> Zygote | None:
+        return next((z for z in self.zygotes.values() if z.pid == pid), None)
 
     def alive_generations(self) -> set[int]:
         return {w.generation for w in self.workers.values()}
@@ -261,12 +293,111 @@ class Pool:
         self._spawning.discard(slot)
         if slot > len(self.slots):
             return  # scaled down since
+        gen = self.generations.get(generation)
+        if self.limits.preload and gen is not None and gen.state == GenState.STARTING and not gen.first \
+                and not gen.rolling:
+            # A reload's slot is not respawned while it boots: the reload fails, the old
+            # generation serves on (the zygote died under it, or could not fork).
+            self._fail(now, gen, f"worker {slot} could not be forked: {error}")
+            return
         s = self.slots[slot - 1]
         s.failures += 1
         s.spawn_at = now + WORKER_RESPAWN.delay(s.failures)
         s.generation = generation
         self._emit(Log("spawn_failed", {"worker": slot, "generation": generation, "error": error},
                        Level.ERROR))
+
+    # -------------------------------------------------------------- zygotes (--preload)
+
+    def zygote_started(self, now: float, generation: int, pid: int | None, error: str = "") -> None:
+        """The master forked the zygote of `generation` (or could not: `error`)."""
+        z = self.zygotes.get(generation)
+        if z is None or z.state != ZygoteState.FORKING:
+            return
+        if pid is None:
+            del self.zygotes[generation]
+            self._zygote_failed(now, z, f"the zygote could not be forked: {error}")
+            return
+        z.pid, z.state, z.started_at = pid, ZygoteState.STARTING, now
+        self._emit(Log("zygote_started", {"generation": generation, "zygote_pid": pid}))
+        if self._zygote_retired(z):
+            self._stop_zygote(z, "its generation is retired")
+
+    def zygote_ready(self, now: float, pid: int, threads: tuple[str, ...] = ()) -> None:
+        z = self.zygote_of(pid)
+        if z is None or z.state != ZygoteState.STARTING:
+            return
+        z.state, z.ready_at, z.threads = ZygoteState.READY, now, tuple(threads)
+        self._zygote_failures.pop(z.generation, None)
+        self._zygote_at.pop(z.generation, None)
+        fields: dict[str, object] = {"generation": z.generation, "zygote_pid": pid,
+                                     "boot_seconds": round(now - (z.started_at or now), 3)}
+        self._emit(Log("zygote_ready", fields))
+        if threads:
+            self._emit(Log("threads_at_fork", {"generation": z.generation, "zygote_pid": pid,
+                                               "threads": list(threads),
+                                               "hint": "the app started threads at import: they do not "
+                                                       "exist in the forked workers"}, Level.WARNING))
+
+    def _zygote_exited(self, now: float, z: Zygote, status: str, cause: str | None) -> None:
+        del self.zygotes[z.generation]
+        gen = self.generations.get(z.generation)
+        expected = z.state == ZygoteState.STOPPING
+        self._emit(Log("zygote_exited", {"generation": z.generation, "zygote_pid": z.pid, "status": status,
+                                         "state": z.state.value}, Level.INFO if expected else Level.WARNING))
+        if expected or gen is None:
+            return
+        if z.state == ZygoteState.READY:
+            # Its workers live on (they are the master's children); the next respawn of the
+            # generation starts a fresh zygote.
+            return
+        error = z.boot_error or f"the zygote exited before ready ({status}) with no import error reported"
+        if cause:
+            error = f"{error}: {cause}"
+        self._zygote_failed(now, z, error)
+
+    def _zygote_failed(self, now: float, z: Zygote, error: str) -> None:
+        """A zygote that did not come up: a boot failure of its generation (exit 3 at start,
+        the old generation serves on at a reload), else retry with backoff."""
+        gen = self.generations.get(z.generation)
+        if gen is None:
+            return
+        if gen.state == GenState.STARTING and not (gen.first and self._any_serving()):
+            if gen.first:
+                self._exit_unbootable(gen, error)
+            else:
+                self._fail(now, gen, error)
+            return
+        failures = self._zygote_failures[z.generation] = self._zygote_failures.get(z.generation, 0) + 1
+        delay = WORKER_RESPAWN.delay(failures)
+        self._zygote_at[z.generation] = now + delay
+        self._emit(Log("zygote_failed", {"generation": z.generation, "error": error, "retry_in": delay},
+                       Level.ERROR))
+
+    def _zygote_retired(self, z: Zygote) -> bool:
+        """No worker of its generation will be forked any more."""
+        gen = self.generations.get(z.generation)
+        return gen is None or gen.state not in (GenState.STARTING, GenState.SERVING) or self.retiring is not None
+
+    def _stop_zygote(self, z: Zygote, reason: str) -> None:
+        if z.state == ZygoteState.STOPPING or z.pid is None:
+            return
+        z.state = ZygoteState.STOPPING
+        self._emit(Kill(z.pid, reason))
+        self._emit(Log("zygote_stopping", {"generation": z.generation, "zygote_pid": z.pid, "reason": reason}))
+
+    def _manage_zygotes(self, now: float) -> None:
+        for z in list(self.zygotes.values()):
+            if z.state == ZygoteState.FORKING or z.state == ZygoteState.STOPPING:
+                continue
+            if self._zygote_retired(z):
+                self._stop_zygote(z, "its generation is retired")
+            elif z.state == ZygoteState.STARTING and z.started_at is not None and not z.timed_out \
+                    and now >= z.started_at + self.limits.boot_timeout:
+                z.timed_out = True
+                z.boot_error = f"boot timeout: the zygote was not ready after {self.limits.boot_timeout:g}s"
+                assert z.pid is not None
+                self._emit(Kill(z.pid, z.boot_error))
 
     def spawned(self, now: float, generation: int, slot: int, pid: int) -> None:
         self._spawning.discard(slot)
@@ -327,6 +458,9 @@ class Pool:
         w = self.workers.get(pid)
         if w is not None:
             w.boot_error = error
+        z = self.zygote_of(pid)
+        if z is not None:
+            z.boot_error = error
 
     def recycle(self, now: float, pid: int, reason: str) -> None:
         """Replace one serving worker through the ready-before-retire path."""
@@ -349,6 +483,9 @@ class Pool:
         w = self.workers.get(pid)
         if w is not None:
             self._kill(w, "its channel to the master broke")
+        z = self.zygote_of(pid)
+        if z is not None and z.pid is not None and z.state != ZygoteState.STOPPING:
+            self._emit(Kill(z.pid, "its channel to the master broke (zygote)"))
 
     def exited(self, now: float, pid: int, status: str, cause: str | None = None) -> bool:
         """A child exited.  Returns False for pids that are not workers (orphans, helpers).
@@ -356,7 +493,11 @@ class Pool:
         directory)."""
         w = self.workers.pop(pid, None)
         if w is None:
-            return False
+            z = self.zygote_of(pid)
+            if z is None:
+                return False
+            self._zygote_exited(now, z, status, cause)
+            return True
         gen = self.generations.get(w.generation)
         expected = w.state in LEAVING
         fields: dict[str, object] = {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
@@ -405,7 +546,11 @@ class Pool:
         self._start_pending(now)
         self._fill_slots(now)
         self._finish_generations(now)
-        self._release_spawns()
+        if self.limits.preload:
+            self._manage_zygotes(now)
+            self._release_preloaded(now)
+        else:
+            self._release_spawns()
         return self._flush()
 
     def next_deadline(self) -> float | None:
@@ -419,6 +564,10 @@ class Pool:
             elif w.state in (WorkerState.READY, WorkerState.SERVING) and self.limits.worker_timeout:
                 times.append(w.last_seen + self.limits.worker_timeout)
         times += [s.spawn_at for s in self.slots if s.spawn_at is not None]
+        times += [z.started_at + self.limits.boot_timeout for z in self.zygotes.values()
+                  if z.state == ZygoteState.STARTING and z.started_at is not None and not z.timed_out]
+        if self._queue:
+            times += [t for g, t in self._zygote_at.items() if g not in self.zygotes]
         return min(times) if times else None
 
     # ------------------------------------------------------------------ internals
@@ -450,6 +599,24 @@ class Pool:
             generation, slot = self._queue.pop(0)
             gen = self.generations.get(generation)
             self._emit(Spawn(generation, slot, gen.env if gen else {}))
+            starting += 1
+
+    def _release_preloaded(self, now: float) -> None:
+        """--preload: a queued worker is forked by its generation's zygote once that is ready;
+        the zygote is started on demand (at most one per generation)."""
+        starting = sum(1 for w in self.workers.values() if w.state == WorkerState.STARTING)
+        for generation, slot in list(self._queue):
+            gen = self.generations.get(generation)
+            z = self.zygotes.get(generation)
+            if z is None:
+                if now < self._zygote_at.get(generation, now):
+                    continue  # backoff after a failed zygote
+                z = self.zygotes[generation] = Zygote(generation, now)
+                self._emit(StartZygote(generation, gen.env if gen else {}))
+            if z.state != ZygoteState.READY or starting >= self.limits.boot_concurrency:
+                continue
+            self._queue.remove((generation, slot))
+            self._emit(Spawn(generation, slot, gen.env if gen else {}, zygote=z.pid))
             starting += 1
 
     def _check_timeouts(self, now: float) -> None:
@@ -667,6 +834,8 @@ class Pool:
         gen.state, gen.error = GenState.FAILED, error
         for w in list(self.workers.values()):
             self._kill(w, "first generation failed")
+        for z in self.zygotes.values():
+            self._stop_zygote(z, "first generation failed")
         self._done = True
         self._emit(Exit(3, error))
 
@@ -716,7 +885,9 @@ class Pool:
                 self._kill(w, f"graceful timeout ({self.limits.graceful_timeout:g}s)", dump=True)
         for slot in self.slots:
             slot.serving, slot.spawn_at = None, None
-        if not self.workers:
+        for z in self.zygotes.values():
+            self._stop_zygote(z, "shutdown")
+        if not self.workers and not any(z.pid is not None for z in self.zygotes.values()):
             self._done = True
             self._emit(PoolEmpty())
 

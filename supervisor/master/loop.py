@@ -26,11 +26,12 @@ from supervisor import logs, proc, proto
 from supervisor.channel import Channel
 from supervisor import channel as channels
 from supervisor.lifecycle.actions import (
-    Accept, Action, Drain, Exit, Forward, Kill, Log, Measure, Spawn, StartHelper, Tell,
+    Accept, Action, Drain, Exit, Forward, Kill, Log, Measure, Spawn, StartHelper, StartZygote, Tell,
 )
 from supervisor.lifecycle.core import CONSUL, WATCHER, Lifecycle, Plan, drive
 from supervisor.lifecycle.events import (
     Event, Exited, HelperStarted, HelperStartFailed, Measured, Said, SendFailed, Signalled, Spawned, SpawnFailed,
+    ZygoteStarted,
 )
 from supervisor.lifecycle.pool import PoolLimits
 from supervisor.lifecycle.shutdown import ShutdownTimes
@@ -40,6 +41,7 @@ from supervisor.master.helpers import HelperMain, fork_helper, stop_helper
 from supervisor.master.metrics import Metrics
 from supervisor.settings import Config, usable_cpus, version
 from supervisor.worker import main as worker
+from supervisor.worker import zygote as zygotes
 from supervisor.worker.spec import ASGI_SPEC, RequestLimits, WorkerSpec
 
 VERSION = version()
@@ -47,6 +49,7 @@ EXIT_GRACE = 2.0  # how long the exiting master waits for killed children before
 STACK_WAIT = 0.5  # how long a stuck worker gets to write its stacks before SIGKILL
 DESCENDANT_GRACE = 1.0  # then: TERM to what the app left behind, KILL after this long
 WITHDRAW_MARGIN = 0.5  # on top of the Consul timeout: the helper answers within it
+UNCLAIMED_KEPT = 64  # --preload: reaped pids remembered for a zygote's late Forked
 
 
 def plan_from(config: Config, watcher: bool) -> Plan:
@@ -55,7 +58,8 @@ def plan_from(config: Config, watcher: bool) -> Plan:
             workers=config.workers, boot_timeout=config.boot_timeout, graceful_timeout=config.graceful_timeout,
             worker_timeout=config.worker_timeout, rolling=config.reload_strategy == "rolling",
             max_requests=config.max_requests, max_requests_jitter=config.max_requests_jitter,
-            boot_concurrency=max(8, 4 * usable_cpus()), max_workers=config.max_workers),
+            boot_concurrency=max(8, 4 * usable_cpus()), max_workers=config.max_workers,
+            preload=config.preload),
         shutdown=ShutdownTimes(withdraw_timeout=config.consul_timeout + WITHDRAW_MARGIN,
                                drain_delay=config.consul_drain_delay),
         watcher=watcher, debounce=config.watch_debounce,
@@ -77,6 +81,10 @@ class Master:
         self.lifeline = proc.Lifeline()
         self.dumps: dict[int, int] = {}  # worker pid -> read end of its stack-dump pipe
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # --preload: workers a zygote was asked to fork, by (zygote pid, slot): their generation
+        # and the master's ends of their channel and stack-dump pipe, until `Forked` names them.
+        self.forking: dict[tuple[int, int], tuple[int, socket.socket, int]] = {}
+        self.unclaimed: dict[int, str] = {}  # reaped pids nobody claimed yet (a zygote's Forked may follow)
         metrics = None if config.no_metrics else Metrics(self.core, listeners, _rss).render
         self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic, metrics)
                        if health is not None else None)
@@ -115,8 +123,12 @@ class Master:
     def _carry_out(self, action: Action) -> None:
         if isinstance(action, Log):
             getattr(self.log, action.level.value)(action.event, **action.fields)
+        elif isinstance(action, Spawn) and action.zygote is not None:
+            self._fork_via_zygote(action)
         elif isinstance(action, Spawn):
             self._spawn(action)
+        elif isinstance(action, StartZygote):
+            self._start_zygote(action)
         elif isinstance(action, Accept):
             self._tell(action.pid, proto.StartAccepting())
         elif isinstance(action, Drain):
@@ -137,23 +149,7 @@ class Master:
                 self._handle(Measured(pid, _rss(pid)))
 
     def _spawn(self, action: Spawn) -> None:
-        config = self.config
-        spec = WorkerSpec(
-            target=config.app, chdir=config.chdir, generation=action.generation, slot=action.slot,
-            env={**action.env, **dict(config.env)}, threads=config.threads,
-            keepalive_timeout=config.keepalive_timeout, header_timeout=config.header_timeout,
-            body_timeout=config.body_timeout, write_timeout=config.write_timeout,
-            request_buffering=config.request_buffering, body_spool_size=config.body_spool_size,
-            worker_connections=config.worker_connections,
-            limits=RequestLimits(config.limit_request_line, config.limit_request_headers,
-                                 config.limit_request_body, config.limit_request_fields,
-                                 config.limit_request_field_size, config.limit_request_trailer),
-            access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
-            master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
-            forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol,
-            request_timeout=config.request_timeout, access_log_format=config.access_log_format,
-            request_id=not config.no_request_id, metrics=not config.no_metrics,
-            **{name: getattr(config, name) for name in ASGI_SPEC})
+        spec = self._worker_spec(action.generation, action.slot, action.env)
         parent, child = channels.pair()
         dump_r, dump_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -174,6 +170,86 @@ class Master:
         self.dumps[pid] = dump_r
         self._watch_child(pid, Channel(parent, queue_sends=True))
         self._handle(Spawned(action.generation, action.slot, pid))
+
+    def _worker_spec(self, generation: int, slot: int, env: Mapping[str, str]) -> WorkerSpec:
+        config = self.config
+        return WorkerSpec(
+            target=config.app, chdir=config.chdir, generation=generation, slot=slot,
+            env={**env, **dict(config.env)}, threads=config.threads,
+            keepalive_timeout=config.keepalive_timeout, header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout, write_timeout=config.write_timeout,
+            request_buffering=config.request_buffering, body_spool_size=config.body_spool_size,
+            worker_connections=config.worker_connections,
+            limits=RequestLimits(config.limit_request_line, config.limit_request_headers,
+                                 config.limit_request_body, config.limit_request_fields,
+                                 config.limit_request_field_size, config.limit_request_trailer),
+            access_log=config.access_log, log_level=config.log_level, log_format=config.log_format,
+            master_pid=os.getpid(), lifeline_fd=self.lifeline.read_fd, graceful_timeout=config.graceful_timeout,
+            forwarded_allow_ips=config.forwarded_allow_ips, proxy_protocol=config.proxy_protocol,
+            request_timeout=config.request_timeout, access_log_format=config.access_log_format,
+            request_id=not config.no_request_id, metrics=not config.no_metrics,
+            **{name: getattr(config, name) for name in ASGI_SPEC})
+
+    # ------------------------------------------------------------------ zygotes (--preload)
+    def _start_zygote(self, action: StartZygote) -> None:
+        spec = self._worker_spec(action.generation, 0, action.env)
+        parent, child = channels.pair()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            parent.close()
+            child.close()
+            self._handle(ZygoteStarted(action.generation, None, str(exc)))
+            return
+        if pid == 0:
+            parent.close()
+            zygotes.run(spec, self.listeners, child)  # never returns
+        child.close()
+        self._watch_child(pid, Channel(parent, queue_sends=True))
+        self._handle(ZygoteStarted(action.generation, pid))
+
+    def _fork_via_zygote(self, action: Spawn) -> None:
+        """Ask the generation's zygote to fork the worker: it gets the worker's ends of its
+        channel and stack-dump pipe, and answers `Forked` with the pid."""
+        assert action.zygote is not None
+        parent, child = channels.pair()
+        dump_r, dump_w = os.pipe2(os.O_CLOEXEC)
+        sent = (self._tell(action.zygote, proto.ForkPipe(), dump_w, quiet=True)
+                and self._tell(action.zygote, proto.Fork(action.slot), child.fileno(), quiet=True))
+        os.close(dump_w)
+        child.close()
+        if not sent or (action.zygote, action.slot) in self.forking:
+            parent.close()
+            os.close(dump_r)
+            self._handle(SpawnFailed(action.generation, action.slot, "the zygote is gone"))
+            return
+        self.forking[(action.zygote, action.slot)] = (action.generation, parent, dump_r)
+
+    def _forked(self, zygote: int, message: proto.Forked) -> None:
+        entry = self.forking.pop((zygote, message.slot), None)
+        if entry is None:
+            return
+        generation, parent, dump_r = entry
+        if message.pid <= 0:
+            parent.close()
+            os.close(dump_r)
+            self._handle(SpawnFailed(generation, message.slot, message.error or "fork failed in the zygote"))
+            return
+        os.set_blocking(dump_r, False)
+        self.dumps[message.pid] = dump_r
+        self._watch_child(message.pid, Channel(parent, queue_sends=True))
+        self._handle(Spawned(generation, message.slot, message.pid))
+        status = self.unclaimed.pop(message.pid, None)
+        if status is not None:  # it already exited (and was reaped) before the zygote named it
+            self._child_gone(message.pid, status, time.monotonic())
+
+    def _zygote_gone(self, pid: int) -> None:
+        """A zygote exited: the workers it was asked for and never named will not come."""
+        for key in [k for k in self.forking if k[0] == pid]:
+            generation, parent, dump_r = self.forking.pop(key)
+            parent.close()
+            os.close(dump_r)
+            self._handle(SpawnFailed(generation, key[1], "the zygote exited before it forked the worker"))
 
     def _log_stacks(self, pid: int, reason: str) -> None:
         """A stuck worker is about to be killed: ask it for every thread's stack (faulthandler
@@ -250,24 +326,37 @@ class Master:
                 self.sel.modify(chan.sock, selectors.EVENT_READ, self._on_child_cb(pid))
         if mask & selectors.EVENT_READ:
             for received in chan.receive():
-                self._handle(Said(pid, received.message, received.fd))
+                if isinstance(received.message, proto.Forked):
+                    self._forked(pid, received.message)
+                else:
+                    self._handle(Said(pid, received.message, received.fd))
         if chan.closed:
             # Keep the closed channel until the exit is reaped (its last messages were read).
             self.sel.unregister(chan.sock)
 
     def _reap(self, now: float) -> None:
         for pid, status in proc.reap():
-            dump = self.dumps.pop(pid, None)
-            if dump is not None:
-                os.close(dump)
-            chan = self.chans.get(pid)
-            if chan is not None:
-                self._on_child(pid, selectors.EVENT_READ)  # what it wrote just before exiting
-                if not chan.closed:
-                    self.sel.unregister(chan.sock)
-                del self.chans[pid]
-                chan.close()
-            self.core.handle(Exited(pid, status, _code_dir_problem(self.config.chdir)), now)
+            if self.config.preload and pid not in self.chans:
+                # Perhaps a worker that died before its zygote's Forked was read: keep a few.
+                self.unclaimed[pid] = status
+                while len(self.unclaimed) > UNCLAIMED_KEPT:
+                    del self.unclaimed[next(iter(self.unclaimed))]
+            self._child_gone(pid, status, now)
+
+    def _child_gone(self, pid: int, status: str, now: float) -> None:
+        dump = self.dumps.pop(pid, None)
+        if dump is not None:
+            os.close(dump)
+        chan = self.chans.get(pid)
+        if chan is not None:
+            self._on_child(pid, selectors.EVENT_READ)  # what it wrote just before exiting
+            if not chan.closed:
+                self.sel.unregister(chan.sock)
+            del self.chans[pid]
+            chan.close()
+        if self.forking:
+            self._zygote_gone(pid)
+        self.core.handle(Exited(pid, status, _code_dir_problem(self.config.chdir)), now)
 
     # ------------------------------------------------------------------ exit
     def _exit(self, action: Exit) -> Exit:

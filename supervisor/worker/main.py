@@ -27,16 +27,19 @@ from supervisor.worker.spec import WorkerSpec
 EXIT_BOOT_FAILED = 3
 
 
-def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> NoReturn:
-    """The whole life of a worker, in the child after fork.  Never returns."""
+def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket,
+        preloaded: tuple[str, Any] | None = None) -> NoReturn:
+    """The whole life of a worker, in the child after fork.  Never returns.  `preloaded`:
+    (interface, app) already imported by the generation's zygote (--preload)."""
     code = 1
     try:
-        code = _run(spec, listeners, chan_sock)
+        code = _run(spec, listeners, chan_sock, preloaded)
     finally:
         os._exit(code)
 
 
-def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket) -> int:
+def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket,
+         preloaded: tuple[str, Any] | None) -> int:
     # SIGTERM only wakes the loop until the loop installs its own handler (that notes it too).
     proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, spec.dump_fd, *(s.fileno() for s in listeners)},
                     on_term=_wake_only)
@@ -58,14 +61,18 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
     code_dir = os.path.realpath(spec.chdir) if spec.chdir else os.getcwd()
     if spec.chdir:
         os.chdir(code_dir)
-    prepare_import(code_dir)
+    if preloaded is None:
+        prepare_import(code_dir)
     chan = Channel(chan_sock, queue_sends=False)
-    app_or_error = load_app(spec.target)
-    if isinstance(app_or_error, str):
-        return _boot_failed(log, chan, app_or_error)
-    kind = interface_of(app_or_error, spec.interface, spec.target)
-    if isinstance(kind, str):
-        return _boot_failed(log, chan, kind)
+    if preloaded is None:
+        app_or_error = load_app(spec.target)
+        if isinstance(app_or_error, str):
+            return _boot_failed(log, chan, app_or_error)
+        kind = interface_of(app_or_error, spec.interface, spec.target)
+        if isinstance(kind, str):
+            return _boot_failed(log, chan, kind)
+    else:
+        kind = preloaded
     interface, app = kind
     # What the app imported lives as long as the worker: the cyclic garbage collector need not
     # scan it again and again (and copy-on-write pages stay shared with nothing to touch them).

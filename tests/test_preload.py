@@ -1,0 +1,154 @@
+"""--preload with real processes: a zygote per generation imports the app once and forks the
+workers; HUP still serves new code; a broken import on reload leaves the old generation serving;
+a dead zygote is replaced for the next respawn; the workers share the imported heap."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import (Load, assert_monotonic_versions, http_get, hup_reloads_under_load, wait_until,
+                           write_app)
+
+BROKEN_IMPORT = 'raise RuntimeError("broken deploy")'
+
+
+def _zygote_pid(sv, generation: int) -> int:
+    return sv.wait_for("zygote_ready", generation=generation)["zygote_pid"]
+
+
+def _worker_pids(sv) -> dict[int, int]:
+    """Serving workers: pid -> generation, from the master's children (titles)."""
+    out = {}
+    for child in psutil.Process(sv.pid).children():
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "supervise: worker g" in title:
+            out[child.pid] = int(title.split("worker g")[1].split("/")[0])
+    return out
+
+
+def test_preload_forks_workers_from_a_zygote_that_are_the_masters_children(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    zygote = _zygote_pid(sv, 1)
+    spawned = sv.find("worker_spawned", generation=1)
+    assert len(spawned) == 2
+    for event in spawned:
+        p = psutil.Process(event["worker_pid"])
+        assert p.ppid() == sv.pid, "a worker is the master's child, not the zygote's"
+    assert psutil.Process(zygote).ppid() == sv.pid
+    assert "supervise: zygote g1" in " ".join(psutil.Process(zygote).cmdline())
+    assert http_get(sv.port)[1] == "version=1"
+    assert sv.stop() == 0
+    assert not psutil.pid_exists(zygote) or psutil.Process(zygote).status() == psutil.STATUS_ZOMBIE
+
+
+def test_preload_hups_under_load_zero_failures_and_new_code(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    ka, nk, order = hup_reloads_under_load(sv, app_dir, last=6)
+    for load in (ka, nk):
+        assert not load.failures(), load.summary()
+        assert_monotonic_versions(load, order)
+        assert all(r.body == "version=6" for r in load.results[-10:])
+    # Each reload had its zygote, and the retired ones are gone.
+    for generation in range(2, 7):
+        sv.wait_for("zygote_ready", generation=generation)
+    for generation in range(1, 6):
+        sv.wait_for("zygote_exited", generation=generation, state="stopping")
+    assert sv.stop() == 0
+
+
+def test_preload_broken_import_on_reload_keeps_the_old_generation_serving(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_app(app_dir, "2", extra=BROKEN_IMPORT)
+        failed = sv.reload()
+        assert failed["outcome"] == "failed" and "RuntimeError: broken deploy" in failed["error"], failed
+        assert not sv.find("worker_spawned", generation=2), "no worker forked from a failed zygote"
+        load.wait_requests(50)
+        assert http_get(sv.port)[1] == "version=1"
+        # Negative control: a good import reloads.
+        write_app(app_dir, "3")
+        assert sv.reload()["outcome"] == "succeeded"
+        load.wait_requests(50)
+        assert http_get(sv.port)[1] == "version=3"
+    assert not load.failures(), load.summary()
+    assert sv.stop() == 0
+
+
+def test_preload_broken_import_at_start_exits_3(supervise, tmp_path):
+    write_app(tmp_path / "code", "1", extra=BROKEN_IMPORT)
+    sv = supervise("app", "--workers", "2", "--chdir", str(tmp_path / "code"), "--no-watch", "--preload")
+    assert sv.wait(30) == 3
+    assert "broken deploy" in sv.stderr + "\n".join(sv.raw)
+    assert not sv.find("worker_spawned")
+
+
+def test_preload_killed_zygote_is_replaced_and_respawns_still_work(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    zygote = _zygote_pid(sv, 1)
+    workers = set(_worker_pids(sv))
+    assert len(workers) == 2
+    os.kill(zygote, signal.SIGKILL)
+    sv.wait_for("zygote_exited", zygote_pid=zygote)
+    # Its workers live on (they are the master's children).
+    assert http_get(sv.port)[1] == "version=1"
+    assert set(_worker_pids(sv)) == workers
+    # A crashed worker is respawned through a fresh zygote.
+    victim = sorted(workers)[0]
+    os.kill(victim, signal.SIGKILL)
+    sv.wait_for("worker_exited", worker_pid=victim)
+    fresh = sv.wait_for("zygote_ready", count=2)["zygote_pid"]
+    assert fresh != zygote
+    spawned = sv.wait_for("worker_spawned", count=3)
+    sv.wait_for("worker_ready", worker_pid=spawned["worker_pid"])
+    wait_until(lambda: len(_worker_pids(sv)) == 2, message="two workers again")
+    assert http_get(sv.port)[1] == "version=1"
+    # And a reload still works after all that.
+    write_app(app_dir, "2")
+    assert sv.reload()["outcome"] == "succeeded"
+    assert http_get(sv.port)[1] == "version=2"
+    assert sv.stop() == 0
+
+
+THREAD_AT_IMPORT = '''
+import threading
+threading.Thread(target=threading.Event().wait, name="metrics-pusher", daemon=True).start()
+'''
+
+
+def test_preload_warns_about_threads_started_at_import(supervise, tmp_path):
+    write_app(tmp_path / "code", "1", extra=THREAD_AT_IMPORT)
+    sv = supervise("app", "--workers", "1", "--chdir", str(tmp_path / "code"), "--no-watch", "--preload").ready()
+    warned = sv.wait_for("threads_at_fork")
+    assert warned["threads"] == ["metrics-pusher"] and warned["level"] == "warning"
+    assert sv.stop() == 0
+    # Negative control: an app that starts none is not warned about.
+    write_app(tmp_path / "code2", "1")
+    sv = supervise("app", "--workers", "1", "--chdir", str(tmp_path / "code2"), "--no-watch", "--preload").ready()
+    assert sv.stop() == 0
+    assert not sv.find("threads_at_fork")
+
+
+AT_FORK_HOOK = '''
+def _mark():
+    with open("forked.%d" % os.getpid(), "w") as f:
+        f.write("x")
+os.register_at_fork(after_in_child=_mark)
+'''
+
+
+def test_preload_runs_the_apps_at_fork_hooks_in_each_worker(supervise, tmp_path):
+    code = tmp_path / "code"
+    write_app(code, "1", extra=AT_FORK_HOOK)
+    sv = supervise("app", "--workers", "2", "--chdir", str(code), "--no-watch", "--preload").ready()
+    for event in sv.find("worker_spawned"):
+        assert (code / f"forked.{event['worker_pid']}").exists()
+    assert sv.stop() == 0
