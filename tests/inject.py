@@ -87,6 +87,47 @@ def serve_late() -> None:
     WorkerLoop._hand_off = serve_anyway  # type: ignore[method-assign]
 
 
+def handoff_gate_asgi() -> None:
+    """handoff-gate for the ASGI worker (supervisor/worker/asgi/server.py): the first
+    generation-1 worker that accepts once $SUPERVISE_TEST_GATE exists holds the connection inside
+    accept() until the master's SIGTERM has arrived."""
+    from supervisor.worker.asgi.server import AsgiWorker
+
+    gate = Path(os.environ["SUPERVISE_TEST_GATE"])
+    state: dict[str, Any] = {"generation": None, "term": False}
+    init, noted = AsgiWorker.__init__, AsgiWorker._term_arrived
+
+    def patched_init(self: AsgiWorker, spec: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, spec, *args, **kwargs)
+        state["generation"] = spec.generation
+
+    def patched_term(self: AsgiWorker, signum: int, frame: Any) -> None:
+        noted(self, signum, frame)
+        state["term"] = True
+
+    accept = socket.socket._accept  # type: ignore[attr-defined]
+
+    def patched_accept(self: socket.socket) -> Any:
+        result = accept(self)
+        if state["generation"] == 1 and _take(gate):
+            Path(f"{gate}.held").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 20
+            while not state["term"] and time.monotonic() < deadline:
+                time.sleep(0.005)  # the held worker's wait for the signal, bounded
+        return result
+
+    AsgiWorker.__init__ = patched_init  # type: ignore[method-assign]
+    AsgiWorker._term_arrived = patched_term  # type: ignore[method-assign]
+    socket.socket._accept = patched_accept  # type: ignore[attr-defined]
+
+
+def serve_late_asgi() -> None:
+    """serve-late for the ASGI worker: a draining worker serves its late connection itself."""
+    from supervisor.worker.asgi.server import AsgiWorker
+
+    AsgiWorker._hand_off = AsgiWorker._serve  # type: ignore[method-assign]
+
+
 # --------------------------------------------------------------------------- negative controls for
 # the hostile-client and careless-operator cases (tests/test_hostile.py): each puts back the
 # behaviour that caused an outage, to show the test would catch it.
@@ -251,6 +292,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "retire-early": retire_early,
     "handoff-gate": handoff_gate,
     "serve-late": serve_late,
+    "handoff-gate-asgi": handoff_gate_asgi,
+    "serve-late-asgi": serve_late_asgi,
     "health-leak": health_leak,
     "blocking-writes": blocking_writes,
     "escalating-backoff": escalating_backoff,

@@ -210,6 +210,40 @@ def test_max_requests_recycles_asgi_workers_without_failures(supervise, asgi_dir
     assert sv.stop() == 0
 
 
+def _late_connection(supervise, asgi_dir: Path, gate: Path, inject: list[str]) -> tuple[Any, bytes]:
+    """A generation-1 worker takes a connection and the master's SIGTERM arrives before its accept()
+    returns (tests/inject.py: handoff-gate-asgi).  Returns supervise and the client's response."""
+    sv = supervise("app", "-w", "1", "--chdir", str(asgi_dir), "--no-watch", inject=inject,
+                   env={"SUPERVISE_TEST_GATE": str(gate)}).ready()
+    assert sv.get()[1] == "version=1"  # before the gate opens, served as usual
+    gate.write_text("")
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=20) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        wait_until(lambda: Path(f"{gate}.held").exists(), message="a generation-1 worker holding the connection")
+        write_asgi_app(asgi_dir, "2")
+        assert sv.reload()["outcome"] == "succeeded"
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    return sv, response
+
+
+def test_a_connection_accepted_after_the_drain_is_handed_to_the_new_generation(supervise, asgi_dir, tmp_path):
+    sv, response = _late_connection(supervise, asgi_dir, tmp_path / "gate", ["handoff-gate-asgi"])
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"version=2"), response
+    held_by = int((tmp_path / "gate.held").read_text())
+    assert sv.find("connection_handed_off", pid=held_by, sent=True)
+    assert sv.stop() == 0
+
+
+def test_negative_control_a_draining_worker_serving_its_late_connection_is_detected(supervise, asgi_dir,
+                                                                                   tmp_path):
+    sv, response = _late_connection(supervise, asgi_dir, tmp_path / "gate", ["handoff-gate-asgi", "serve-late-asgi"])
+    assert response.endswith(b"version=1"), "without the hand-off the client gets the old code"
+    assert not sv.find("connection_forwarded")
+    assert sv.stop() == 0
+
+
 def test_lifespan_startup_failure_on_reload_leaves_the_old_generation_serving(supervise, asgi_dir):
     sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
     with Load(sv.port, clients=4) as load:
