@@ -168,6 +168,40 @@ def usable_memory() -> int:
     return total
 
 
+UNLIMITED = 1 << 62  # cgroup v1 says "no limit" with a huge number
+
+
+def cgroup_memory_limit() -> int:
+    """This process's cgroup memory limit in bytes (v2 memory.max, or v1 memory.limit_in_bytes),
+    0 when none is set."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return 0
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates += [f"/sys/fs/cgroup{path.rstrip('/')}/memory.max", "/sys/fs/cgroup/memory.max"]
+        elif "memory" in controllers.split(","):
+            candidates += [f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.limit_in_bytes",
+                           "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+    for candidate in candidates:
+        try:
+            text = open(candidate).read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            continue
+        try:
+            limit = int(text)
+        except ValueError:
+            continue
+        if 0 < limit < UNLIMITED:
+            return limit
+    return 0
+
+
 WORKERS_PER_CPU = 32
 MEMORY_PER_WORKER = 64 * 1024 * 1024  # a small app's worker; the bound only stops absurd counts
 THREADS_PER_CPU = 64
@@ -379,6 +413,14 @@ class Config:
     max_requests_jitter: int = setting(
         non_negative_int, 0, "Add a random 0..N to --max-requests per worker so workers do not all recycle "
         "at once.", "Lifecycle", metavar="N")
+    max_memory: int = setting(
+        size, cgroup_memory_limit,
+        "Memory budget of the whole service (0: none), e.g. 2G. Before a reload, supervise measures the "
+        "serving generation (PSS, so shared pages count once) and, when a second full generation would not "
+        "fit beside it, reloads with the rolling strategy instead (one worker at a time) and logs why "
+        "(reload_strategy_fallback).", "Lifecycle", metavar="SIZE",
+        default_doc="the cgroup's memory limit (memory.max; memory.limit_in_bytes on cgroup v1) when one is "
+                    "set, else 0")
     preload: bool = setting(
         boolean, False, "Import the app once per generation in a zygote process (forked from the master, "
         "which still never imports it), freeze its heap (gc.freeze) and fork the generation's workers from "
@@ -388,7 +430,8 @@ class Config:
         "Lifecycle", switch=True)
     max_rss: int = setting(
         size, 0, "Recycle a worker whose resident memory exceeds this (0: never), e.g. 512M. Checked by the "
-        "master every few seconds.", "Lifecycle", metavar="SIZE")
+        "master every few seconds. With --preload its unique memory (USS) is compared instead: the pages "
+        "it shares with its zygote are not its own.", "Lifecycle", metavar="SIZE")
     health_bind: str | None = setting(
         parse_bind, None,
         "Address of the master's health endpoint (GET /health: 200 while a generation is ready, 503 once "

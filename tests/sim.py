@@ -11,9 +11,11 @@ import random
 from typing import Any
 
 from supervisor import proto
-from supervisor.lifecycle.actions import Action, Exit, Log, Spawn, StartHelper, StartZygote
+from supervisor.lifecycle.actions import Action, Exit, Log, Measure, Spawn, StartHelper, StartZygote
 from supervisor.lifecycle.core import Lifecycle, Plan, drive
-from supervisor.lifecycle.events import Event, Exited, HelperStarted, Said, Signalled, Spawned, ZygoteStarted
+from supervisor.lifecycle.events import (
+    Event, Exited, HelperStarted, Measured, Said, Signalled, Spawned, ZygoteStarted,
+)
 from supervisor.lifecycle.pool import PoolLimits
 from supervisor.lifecycle.shutdown import ShutdownTimes
 
@@ -37,6 +39,7 @@ class Sim:
         self.max_alive_generations = 0
         self.max_alive_workers = 0
         self._batch: list[object] = []
+        self.memory: dict[int, Measured] = {}  # what a Measure reports for each pid (none: nothing)
 
     # ------------------------------------------------------------------ the master's part
     def _carry_out(self, action: Action) -> None:
@@ -47,6 +50,10 @@ class Sim:
             self.core.handle(HelperStarted(action.name, next(self.pids)), self.now)
         elif isinstance(action, StartZygote):
             self.core.handle(ZygoteStarted(action.generation, next(self.pids)), self.now)
+        elif isinstance(action, Measure):
+            for pid in action.pids:
+                if pid in self.memory:
+                    self.core.handle(self.memory[pid], self.now)
 
     def step(self) -> list[object]:
         self._batch = []

@@ -4,8 +4,8 @@ workers, whose failure is a failed boot, retired with its generation, replaced w
 from __future__ import annotations
 
 from supervisor import proto
-from supervisor.lifecycle.actions import Exit, Kill, Spawn, StartZygote
-from supervisor.lifecycle.events import SpawnFailed
+from supervisor.lifecycle.actions import Exit, Kill, Measure, Spawn, StartZygote
+from supervisor.lifecycle.events import Measured, SpawnFailed
 from supervisor.lifecycle.pool import GenState, ZygoteState
 from tests.sim import Sim, notes
 
@@ -172,3 +172,83 @@ def test_without_preload_nothing_changes() -> None:
     out = sim.start()
     assert not [a for a in out if isinstance(a, StartZygote)]
     assert [a.zygote for a in out if isinstance(a, Spawn)] == [None, None]
+
+
+# --------------------------------------------------------------------------- --max-memory
+
+MiB = 1 << 20
+
+
+def measured(sim: Sim, worker_pss: int, worker_uss: int, zygote_pss: int = 0) -> None:
+    for pid in sim.pids_of(sim.serving()):
+        sim.memory[pid] = Measured(pid, rss=worker_pss + 10 * MiB, uss=worker_uss, pss=worker_pss,
+                                   shared=worker_pss - worker_uss)
+    z = sim.pool.zygotes.get(sim.serving())
+    if z is not None and z.pid is not None:
+        sim.memory[z.pid] = Measured(z.pid, rss=zygote_pss, uss=zygote_pss, pss=zygote_pss, shared=0)
+
+
+def test_a_reload_that_would_not_fit_the_budget_rolls_and_says_why() -> None:
+    sim = Sim(4, max_memory=1000 * MiB)
+    sim.start()
+    sim.ready_all(1)
+    measured(sim, worker_pss=200 * MiB, worker_uss=190 * MiB)  # 800 MiB serving: 1600 with a second generation
+    out = sim.reload()
+    assert any(isinstance(a, Measure) for a in out), "measured before deciding"
+    fallback = notes(out, "reload_strategy_fallback")
+    assert fallback and fallback[0].fields["strategy"] == "rolling", out
+    assert fallback[0].fields["serving_bytes"] == 800 * MiB
+    assert notes(out, "reload_started")[0].fields["strategy"] == "rolling"
+    assert len([a for a in out if isinstance(a, Spawn)]) == 1, "one worker at a time"
+    for _ in range(4):
+        assert len(sim.pool.workers) <= 5
+        sim.ready_all(2)
+        old = [pid for pid in sim.pids_of(1) if sim.pool.workers[pid].state.value == "draining"]
+        sim.exit_all(old)
+    assert sim.serving() == 2 and len(sim.pids_of(2, "serving")) == 4
+
+
+def test_a_reload_that_fits_the_budget_builds_a_whole_generation() -> None:
+    # Negative control of the above: the same workers under a budget that fits two generations.
+    sim = Sim(4, max_memory=2000 * MiB)
+    sim.start()
+    sim.ready_all(1)
+    measured(sim, worker_pss=200 * MiB, worker_uss=190 * MiB)
+    out = sim.reload()
+    assert not notes(out, "reload_strategy_fallback")
+    assert len([a for a in out if isinstance(a, Spawn)]) == 4
+
+
+def test_preloaded_generations_count_shared_pages_once() -> None:
+    # Four preloaded workers share a 200 MiB heap: PSS ~ 50 + 10 MiB each, the zygote ~ 50 MiB.
+    sim = preloaded(4, max_memory=700 * MiB)
+    measured(sim, worker_pss=60 * MiB, worker_uss=10 * MiB, zygote_pss=50 * MiB)  # 290 MiB: x2 fits
+    out = sim.reload()
+    assert not notes(out, "reload_strategy_fallback"), out
+    assert [a for a in out if isinstance(a, StartZygote)]
+
+
+def test_without_a_budget_nothing_is_measured_before_a_reload() -> None:
+    sim = Sim(2)
+    sim.start()
+    sim.ready_all(1)
+    out = sim.reload()
+    assert not [a for a in out if isinstance(a, Measure)]
+    assert len([a for a in out if isinstance(a, Spawn)]) == 2
+
+
+def test_max_rss_compares_unique_memory_when_preloaded() -> None:
+    sim = preloaded(2, max_rss=100 * MiB)
+    pid = sim.pids_of(1, "serving")[0]
+    # 250 MiB resident, but 240 of it is the zygote's heap: not recycled.
+    sim.handle(Measured(pid, rss=250 * MiB, uss=10 * MiB, pss=90 * MiB, shared=240 * MiB))
+    assert sim.pool.workers[pid].recycle is None
+    sim.handle(Measured(pid, rss=400 * MiB, uss=150 * MiB, pss=200 * MiB, shared=250 * MiB))
+    assert sim.pool.workers[pid].recycle == "max-rss (uss 150 MiB)"
+    # Negative control: without --preload the resident size counts.
+    sim = Sim(2, max_rss=100 * MiB)
+    sim.start()
+    sim.ready_all(1)
+    pid = sim.pids_of(1, "serving")[0]
+    sim.handle(Measured(pid, rss=250 * MiB, uss=10 * MiB))
+    assert sim.pool.workers[pid].recycle == "max-rss (250 MiB)"

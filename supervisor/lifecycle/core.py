@@ -122,8 +122,13 @@ class Lifecycle:
         elif isinstance(event, SendFailed):
             self._send_failed(event.pid, now)
         elif isinstance(event, Measured):
-            if event.rss is not None and event.rss > self.plan.max_rss:
-                self.pool.recycle(now, event.pid, f"max-rss ({event.rss // 1048576} MiB)")
+            self.pool.measured(now, event.pid, event.rss, event.uss, event.pss, event.shared)
+            # Preloaded, a worker's own memory is its USS: the pages it shares with its zygote
+            # (and its siblings) are not its own to give back.
+            own, what = ((event.uss, "uss ") if self.plan.pool.preload and event.uss is not None
+                         else (event.rss, ""))
+            if self.plan.max_rss and own is not None and own > self.plan.max_rss:
+                self.pool.recycle(now, event.pid, f"max-rss ({what}{own // 1048576} MiB)")
 
     def _signalled(self, name: str, now: float) -> None:
         if name == "SIGHUP":

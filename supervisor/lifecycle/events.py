@@ -82,10 +82,15 @@ class Exited:
 
 @dataclass(frozen=True)
 class Measured:
-    """A worker's resident memory, in bytes (None: it could not be read)."""
+    """A worker's (or a zygote's) memory, in bytes (None: it could not be read).  uss: its own
+    pages; pss: its proportional share of every page it maps; shared: pages it shares (measured
+    with --preload or --max-memory only)."""
 
     pid: int
     rss: int | None
+    uss: int | None = None
+    pss: int | None = None
+    shared: int | None = None
 
 
 Event = Union[Signalled, Spawned, SpawnFailed, ZygoteStarted, HelperStarted, HelperStartFailed, Said, SendFailed, Exited,

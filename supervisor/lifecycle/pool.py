@@ -29,8 +29,8 @@ from enum import Enum
 from typing import Mapping, Protocol, Union
 
 from supervisor.lifecycle.actions import (
-    Accept, Action, Drain, Exit, GenerationServing, Kill, Level, Log, Milestone, PoolEmpty, ReloadFailed, Spawn,
-    StartZygote,
+    Accept, Action, Drain, Exit, GenerationServing, Kill, Level, Log, Measure, Milestone, PoolEmpty, ReloadFailed,
+    Spawn, StartZygote,
 )
 from supervisor.lifecycle.backoff import WORKER_RESPAWN
 from supervisor.lifecycle.metrics import Histogram
@@ -81,6 +81,17 @@ LEAVING = (WorkerState.DRAINING, WorkerState.KILLED)
 
 
 @dataclass
+class Memory:
+    """One process's last memory measurement (bytes; None: not known)."""
+
+    rss: int | None = None
+    uss: int | None = None
+    pss: int | None = None
+    shared: int | None = None
+    at: float = 0.0
+
+
+@dataclass
 class Worker:
     pid: int
     generation: int
@@ -99,6 +110,7 @@ class Worker:
     kill_reason: str | None = None
     started: int = 0  # requests it handed to the app (its first one is reported at once)
     capacity: int = 0  # requests it serves at once (0: the plan's threads)
+    memory: Memory = field(default_factory=Memory)
 
 
 @dataclass
@@ -139,6 +151,7 @@ class Zygote:
     boot_error: str | None = None
     threads: tuple[str, ...] = ()  # threads alive when it was ready to fork (a fork-safety mistake)
     timed_out: bool = False  # killed at the boot timeout
+    memory: Memory = field(default_factory=Memory)
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,7 @@ class PoolLimits:
     boot_concurrency: int = 8  # most workers importing the app at once: a fork storm never starves the loop
     max_workers: int = 0  # live scaling stops here (0: at `workers`)
     preload: bool = False  # each generation's workers are forked by its zygote
+    max_memory: int = 0  # bytes: a reload whose full new generation would not fit rolls instead (0: off)
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,7 @@ class Pool:
         self.zygotes: dict[int, Zygote] = {}
         self._zygote_failures: dict[int, int] = {}
         self._zygote_at: dict[int, float] = {}
+        self._measuring: float | None = None  # --max-memory: when the measure before a reload was asked
 
     # ------------------------------------------------------------------ queries
 
@@ -471,6 +486,15 @@ class Pool:
         self._emit(Log("worker_recycle", {"worker": w.slot, "generation": w.generation, "worker_pid": pid,
                                           "reason": reason}))
 
+    def measured(self, now: float, pid: int, rss: int | None, uss: int | None = None, pss: int | None = None,
+                 shared: int | None = None) -> None:
+        """A worker's or a zygote's memory was read."""
+        w = self.workers.get(pid)
+        z = self.zygote_of(pid)
+        record = w.memory if w is not None else z.memory if z is not None else None
+        if record is not None:
+            record.rss, record.uss, record.pss, record.shared, record.at = rss, uss, pss, shared, now
+
     def grace(self, now: float) -> None:
         """The master itself was not running (SIGSTOP, starved): heartbeats it could not read are
         no sign of a hung worker.  Every worker starts a fresh heartbeat period."""
@@ -698,14 +722,54 @@ class Pool:
             return
         if any(w.state != WorkerState.SERVING for w in self.workers.values()):
             return
+        if self.limits.max_memory and not self.limits.rolling and self._measuring is None:
+            # Measure the serving generation first (the master reports at once), then decide.
+            self._measuring = now
+            self._emit(Measure(tuple(w.pid for w in self.serving_workers())
+                               + tuple(z.pid for z in self.zygotes.values() if z.pid is not None)))
+            return
+        measured_at, self._measuring = self._measuring, None
         pending, self.pending = self.pending, None
         gen = self._new_generation(now, pending.reason, pending.env)
+        if measured_at is not None:
+            self._fit_budget(gen, measured_at)
         self._emit(Log("reload_started", {"generation": gen.number, "reason": gen.reason,
                                           "strategy": "rolling" if gen.rolling else "generation",
                                           "waited": round(now - pending.requested_at, 3)}))
         if not gen.rolling:  # rolling spawns one at a time in _roll_next
             for slot in self.slots:
                 self._spawn(gen.number, slot.index)
+
+    def _fit_budget(self, gen: Generation, measured_at: float) -> None:
+        """--max-memory: a full new generation beside the serving one must fit, else roll.
+
+        The serving generation's memory is the sum of its processes' PSS (shared pages counted
+        once: with --preload most of a worker is its zygote's heap); a new generation of the
+        same code needs about as much again.  Rolling keeps the overlap to one worker (and,
+        with --preload, the new zygote)."""
+        serving = self.serving_generation()
+        if serving is None:
+            return
+        procs = [w.memory for w in self._serving_workers(serving.number)]
+        zygote = self.zygotes.get(serving.number)
+        if zygote is not None:
+            procs.append(zygote.memory)
+        fresh = [m for m in procs if m.at >= measured_at and (m.pss or m.rss)]
+        if not fresh:
+            return  # nothing could be measured: no basis for a fallback
+        used = sum((m.pss or m.rss or 0) for m in fresh)
+        estimate = used * len(procs) // len(fresh)  # the same code again, one per slot
+        if used + estimate <= self.limits.max_memory:
+            return
+        gen.rolling = True
+        workers = [w.memory for w in self._serving_workers(serving.number) if w.memory.at >= measured_at]
+        one = max((m.uss or m.rss or 0) for m in workers) if workers else 0
+        self._emit(Log("reload_strategy_fallback", {
+            "generation": gen.number, "strategy": "rolling", "budget": self.limits.max_memory,
+            "serving_bytes": used, "new_generation_bytes": estimate, "one_worker_bytes": one,
+            "why": f"a full new generation (~{estimate >> 20} MiB) beside the serving one "
+                   f"({used >> 20} MiB) would exceed --max-memory ({self.limits.max_memory >> 20} MiB)"},
+            Level.WARNING))
 
     def _fill_slots(self, now: float) -> None:
         gen = self.starting_generation()

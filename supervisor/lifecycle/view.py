@@ -8,8 +8,11 @@ from supervisor.lifecycle.core import Lifecycle
 from supervisor.lifecycle.pool import GenState
 
 
+Memory = Callable[[int], "tuple[int | None, int | None, int | None, int | None]"]  # rss, uss, pss, shared
+
+
 def health(core: Lifecycle, now: float, started: float, pid: int,
-           rss: Callable[[int], int | None]) -> tuple[bool, dict[str, Any]]:
+           rss: Callable[[int], int | None], memory: Memory | None = None) -> tuple[bool, dict[str, Any]]:
     """(healthy, body).  Healthy: no shutdown has begun and some worker can take a request
     (a serving worker whose loop answered recently and that has a free thread)."""
     pool = core.pool
@@ -45,9 +48,22 @@ def health(core: Lifecycle, now: float, started: float, pid: int,
         "shutdown": core.shutdown.phase.value,
         "helpers": [{"name": h.name, "pid": h.pid, "failures": h.failures} for h in core.helpers.values()],
     }
+    if memory is not None:
+        # Unique (USS), proportional (PSS) and shared memory of each worker and zygote: with
+        # --preload a worker's heap is mostly its zygote's, shared copy-on-write.
+        for entry in body["workers"]:
+            entry.update(_memory(memory(entry["pid"])))
+        body["zygotes"] = [{"pid": z.pid, "generation": z.generation, "state": z.state.value,
+                            "threads_at_fork": list(z.threads), **_memory(memory(z.pid))}
+                           for z in sorted(pool.zygotes.values(), key=lambda z: z.generation) if z.pid is not None]
     if core.consul is not None:
         body["consul"] = core.consul.view()
     return core.shutdown.running and bool(available), body
+
+
+def _memory(measured: tuple[int | None, int | None, int | None, int | None]) -> dict[str, int | None]:
+    rss, uss, pss, shared = measured
+    return {"rss": rss, "uss": uss, "pss": pss, "shared": shared}
 
 
 def _reload(record: dict[str, Any], now: float) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def plan_from(config: Config, watcher: bool) -> Plan:
             worker_timeout=config.worker_timeout, rolling=config.reload_strategy == "rolling",
             max_requests=config.max_requests, max_requests_jitter=config.max_requests_jitter,
             boot_concurrency=max(8, 4 * usable_cpus()), max_workers=config.max_workers,
-            preload=config.preload),
+            preload=config.preload, max_memory=config.max_memory),
         shutdown=ShutdownTimes(withdraw_timeout=config.consul_timeout + WITHDRAW_MARGIN,
                                drain_delay=config.consul_drain_delay),
         watcher=watcher, debounce=config.watch_debounce,
@@ -85,7 +85,8 @@ class Master:
         # and the master's ends of their channel and stack-dump pipe, until `Forked` names them.
         self.forking: dict[tuple[int, int], tuple[int, socket.socket, int]] = {}
         self.unclaimed: dict[int, str] = {}  # reaped pids nobody claimed yet (a zygote's Forked may follow)
-        metrics = None if config.no_metrics else Metrics(self.core, listeners, _rss).render
+        metrics = None if config.no_metrics else Metrics(
+            self.core, listeners, _rss, _memory if config.preload or config.max_memory else None).render
         self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic, metrics)
                        if health is not None else None)
 
@@ -146,7 +147,10 @@ class Master:
             self._start_helper(action.name)
         elif isinstance(action, Measure):
             for pid in action.pids:
-                self._handle(Measured(pid, _rss(pid)))
+                if self.config.preload or self.config.max_memory:
+                    self._handle(Measured(pid, *_memory(pid)))
+                else:
+                    self._handle(Measured(pid, _rss(pid)))
 
     def _spawn(self, action: Spawn) -> None:
         spec = self._worker_spec(action.generation, action.slot, action.env)
@@ -386,7 +390,8 @@ class Master:
         return action
 
     def _snapshot(self) -> tuple[bool, dict[str, Any]]:
-        healthy, body = view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss)
+        memory = _memory if self.config.preload or self.config.max_memory else None
+        healthy, body = view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss, memory)
         return healthy, {"version": VERSION, **body}
 
 
@@ -399,6 +404,16 @@ def _rss(pid: int) -> int | None:
         return psutil.Process(pid).memory_info().rss
     except (psutil.Error, OSError):
         return None
+
+
+def _memory(pid: int) -> tuple[int | None, int | None, int | None, int | None]:
+    """(rss, uss, pss, shared) of a process; Nones when it cannot be read.  Shared: the resident
+    pages it shares with other processes (a preloaded worker's with its zygote and siblings)."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.Error, OSError):
+        return None, None, None, None
+    return info.rss, info.uss, getattr(info, "pss", None), max(0, info.rss - info.uss)  # shared: not its own
 
 
 def _code_dir_problem(path: str | None) -> str | None:

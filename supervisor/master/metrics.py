@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -21,6 +21,7 @@ from supervisor import proto
 from supervisor.lifecycle.core import HEARTBEAT_STALE, Lifecycle
 from supervisor.lifecycle.metrics import Histogram
 from supervisor.lifecycle.pool import RELOAD_BUCKETS, WorkerState
+from supervisor.lifecycle.view import Memory
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TCP_INFO_LEN = 104
@@ -42,6 +43,7 @@ class _Collector:
     def __init__(self, core: Lifecycle, listeners: list[socket.socket], rss: Callable[[int], int | None],
                  clock: Callable[[], float]) -> None:
         self.core, self.listeners, self.rss, self.clock = core, listeners, rss, clock
+        self.memory: Memory | None = None  # rss, uss, pss, shared of a pid (--preload, --max-memory)
 
     def collect(self) -> Iterator[Metric]:
         core, now = self.core, self.clock()
@@ -104,6 +106,37 @@ class _Collector:
             if rss is not None:
                 memory.add_metric([str(w.slot), str(w.generation)], rss)
         yield memory
+        if self.memory is not None:
+            yield from self._memory(pool)
+
+    def _memory(self, pool: Any) -> Iterator[Metric]:
+        """--preload / --max-memory: unique and shared memory of each worker, and the zygotes."""
+        assert self.memory is not None
+        unique = GaugeMetricFamily("supervise_worker_unique_memory_bytes",
+                                   "Each worker's unique memory (USS): what it alone holds.",
+                                   labels=["worker", "generation"])
+        shared = GaugeMetricFamily("supervise_worker_shared_memory_bytes",
+                                   "Each worker's resident memory shared with other processes (with --preload, "
+                                   "mostly its zygote's heap, copy-on-write).", labels=["worker", "generation"])
+        zygote = GaugeMetricFamily("supervise_zygote_memory_bytes",
+                                   "Each generation's zygote (--preload): its unique (uss) and proportional (pss) "
+                                   "memory.", labels=["generation", "kind"])
+        for w in pool.workers.values():
+            _, uss, _, sh = self.memory(w.pid)
+            if uss is not None:
+                unique.add_metric([str(w.slot), str(w.generation)], uss)
+            if sh is not None:
+                shared.add_metric([str(w.slot), str(w.generation)], sh)
+        for z in pool.zygotes.values():
+            if z.pid is None:
+                continue
+            _, uss, pss, _ = self.memory(z.pid)
+            for kind, value in (("uss", uss), ("pss", pss)):
+                if value is not None:
+                    zygote.add_metric([str(z.generation), kind], value)
+        yield unique
+        yield shared
+        yield zygote
 
 
 def _buckets(hist: Histogram, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
@@ -126,9 +159,12 @@ def _address(sock: socket.socket) -> str:
 class Metrics:
     """The registry the health server renders on GET /metrics."""
 
-    def __init__(self, core: Lifecycle, listeners: list[socket.socket], rss: Callable[[int], int | None]) -> None:
+    def __init__(self, core: Lifecycle, listeners: list[socket.socket], rss: Callable[[int], int | None],
+                 memory: Memory | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(core, listeners, rss, time.monotonic))  # type: ignore[arg-type]
+        collector = _Collector(core, listeners, rss, time.monotonic)
+        collector.memory = memory
+        self.registry.register(collector)  # type: ignore[arg-type]
         ProcessCollector(registry=self.registry)  # the master's own RSS, CPU, descriptors
 
     def render(self) -> bytes:
