@@ -543,3 +543,14 @@ def test_slow_heads_and_stalled_bodies_get_408_and_cost_only_themselves(supervis
     status, _, body = request(sv.port, "POST", "/", b"0123456789")
     assert (status, body) == (200, b"10")
     assert sv.stop() == 0
+
+
+def test_request_timeout_cancels_the_request_with_504_and_its_stack_and_others_go_on(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch", "--request-timeout", "1").ready()
+    status, _, body = request(sv.port, "GET", "/slow?30")
+    assert status == 504
+    event = sv.wait_for("request_timeout")
+    assert event["path"] == "/slow" and "await asyncio.sleep" in event["stack"], event  # the app's own line
+    assert http_get(sv.port) == (200, "version=1")  # negative control: a quick request is not touched
+    assert not sv.find("app_exception")
+    assert sv.stop() == 0

@@ -21,6 +21,9 @@ from typing import Any, NoReturn
 from supervisor import logs, proc, proto
 from supervisor.channel import Channel
 from supervisor.worker.app import code_fingerprint, interface_of, load_app, prepare_import
+# Imported here, in the master, once: every ASGI worker it forks then has asyncio's loop (or
+# uvloop's), httptools and wsproto loaded, and boots in a fork's time instead of ~0.1-0.3 s.
+from supervisor.worker.asgi.server import AsgiWorker
 from supervisor.worker.loop import WorkerLoop
 from supervisor.worker.spec import WorkerSpec
 
@@ -96,10 +99,10 @@ def _boot_failed(log: Any, chan: Channel, error: str) -> int:
 def _run_asgi(spec: WorkerSpec, app: Any, listeners: list[socket.socket], chan: Channel, log: Any,
               grace: list[float], code_dir: str) -> int:
     """An ASGI worker: the lifespan startup runs before Ready, and a failed one is a boot failure."""
-    from supervisor.worker.asgi.server import AsgiWorker
-
     if spec.proxy_protocol != "off":
         return _boot_failed(log, chan, "ConfigError: --proxy-protocol is not supported by the ASGI worker yet")
+    if spec.threads > 1:
+        log.warning("setting_ignored", setting="--threads", why="an ASGI app's coroutines run on the event loop")
     worker = AsgiWorker(spec, app, listeners, chan, log)
 
     def ready() -> None:

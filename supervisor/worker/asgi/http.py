@@ -109,7 +109,7 @@ class Cycle:
 
     __slots__ = ("conn", "req", "scope", "started", "status", "head_sent", "complete", "chunked", "head",
                  "length", "written", "close", "waiter", "body_done", "disconnected", "request_id",
-                 "app_rid", "task", "status_line")
+                 "app_rid", "task", "status_line", "timed_out")
 
     def __init__(self, conn: HttpConn, req: Request, scope: dict[str, Any], started: float) -> None:
         self.conn = conn
@@ -131,6 +131,7 @@ class Cycle:
         self.app_rid = False
         self.task: asyncio.Task | None = None
         self.status_line: bytes | None = None  # the response head, held until the first body piece
+        self.timed_out = False  # --request-timeout: cancelled by the worker
 
     # ------------------------------------------------------------------ receive
     async def receive(self) -> dict[str, Any]:
@@ -288,7 +289,7 @@ class Cycle:
         try:
             await worker.app(self.scope, self.receive, self.send)
         except BaseException as exc:  # noqa: BLE001 - an app failure costs one request
-            if not self.disconnected or not isinstance(exc, (OSError, asyncio.CancelledError)):
+            if not self.timed_out and (not self.disconnected or not isinstance(exc, (OSError, asyncio.CancelledError))):
                 worker.log.error("app_exception", method=self.scope["method"], path=self.scope["path"],
                                  traceback=traceback.format_exc())
             if (not self.head_sent or self.status_line is not None) and not self.disconnected:
@@ -309,6 +310,22 @@ class Cycle:
                 self.close = True  # the app returned in the middle of its response: cut it
                 self.complete = True
         conn.finished(self)
+
+    def time_out(self, seconds: float) -> None:
+        """--request-timeout: log where the app is, answer 504 if nothing was sent, cancel it."""
+        self.timed_out = True
+        task = self.task
+        self.conn.worker.log.error("request_timeout", method=self.scope.get("method"), path=self.scope.get("path"),
+                                   seconds=round(seconds, 3), stack=_awaiting(task) if task is not None else "")
+        if not self.disconnected:
+            if not self.head_sent or self.status_line is not None:
+                self.status_line = None
+                self._error(504)
+            else:
+                self.close = True  # part of the response went out: the connection is cut
+            self.disconnected = True  # the app's later messages go nowhere
+        if task is not None:
+            task.cancel()
 
     def _error(self, code: int) -> None:
         self.status, self.close, self.complete, self.head_sent = code, True, True, True
@@ -586,6 +603,20 @@ class HttpConn(asyncio.Protocol):
                     cycle.wake()
         elif now >= self.deadline:
             self.expire(now)
+
+
+def _awaiting(task: asyncio.Task) -> str:
+    """Where a task waits: its coroutine and every coroutine it awaits, innermost last (a task's
+    own stack shows only the outermost)."""
+    frames = []
+    coro: Any = task.get_coro()
+    for _ in range(100):  # bounded: a chain of awaits is short
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "".join(traceback.StackSummary.extract(frames).format())
 
 
 def build_scope(worker: AsgiWorker, conn: Any, req: Request, kind: str) -> dict[str, Any] | str:

@@ -26,13 +26,18 @@ from typing import Any, Callable
 from supervisor import proto
 from supervisor.channel import Channel
 from supervisor.worker import accesslog, forwarded
-from supervisor.worker.asgi.http import UPGRADED, HttpConn, build_scope
+from supervisor.worker.asgi.http import UPGRADED, Cycle, HttpConn, build_scope
 from supervisor.worker.asgi.lifespan import Lifespan
 from supervisor.worker.asgi.websocket import WsConn
 from supervisor.worker.http import REASONS, Request
 from supervisor.worker.spec import WorkerSpec
 from supervisor.worker.stats import NoStats, RequestStats
 from supervisor.worker.wsgi import _DateCache
+
+try:  # optional: `pip install supervise[uvloop]`
+    import uvloop
+except ImportError:
+    uvloop = None
 
 HEARTBEAT_INTERVAL = 1.0
 SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their deadline
@@ -45,9 +50,7 @@ REJECT_LOG_BURST, REJECT_LOG_INTERVAL = 20, 10.0
 
 def new_loop() -> asyncio.AbstractEventLoop:
     """uvloop when it is installed (the `supervise[uvloop]` extra), else asyncio's own."""
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()  # type: ignore[no-any-return]
 
@@ -160,6 +163,11 @@ class AsgiWorker:
         now = time.monotonic()
         for conn in list(self.conns):
             conn.sweep(now)
+        limit = self.spec.request_timeout
+        if limit > 0:
+            for item in list(self.live):
+                if isinstance(item, Cycle) and not item.timed_out and now - item.started > limit:
+                    item.time_out(now - item.started)
         if now >= self.next_beat:
             self.beat()
             self.next_beat = now + HEARTBEAT_INTERVAL
