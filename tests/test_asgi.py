@@ -554,3 +554,39 @@ def test_request_timeout_cancels_the_request_with_504_and_its_stack_and_others_g
     assert http_get(sv.port) == (200, "version=1")  # negative control: a quick request is not touched
     assert not sv.find("app_exception")
     assert sv.stop() == 0
+
+
+def test_proxy_protocol_and_forwarded_headers_set_the_scopes_client(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "who.py").write_text(textwrap.dedent('''
+        async def application(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            host = dict(scope["headers"]).get(b"host", b"").decode()
+            body = f"{scope['client'][0]} {scope['scheme']} {host}".encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+    '''))
+    sv = supervise("who", "--workers", "1", "--chdir", str(code), "--no-watch", "--proxy-protocol", "v1").ready()
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n"
+                     b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.endswith(b"203.0.113.7 http example.com"), data
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:  # v1 is required from it
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096) == b""
+    assert sv.find("proxy_protocol_error")
+    assert sv.stop() == 0
+    # Forwarding headers from a trusted peer (127.0.0.1 by default), as for WSGI.
+    fw = supervise("who", "--workers", "1", "--chdir", str(code), "--no-watch").ready()
+    status, _, body = request(fw.port, "GET", "/", headers={"X-Forwarded-For": "198.51.100.2",
+                                                            "X-Forwarded-Proto": "https",
+                                                            "X-Forwarded-Host": "shop.example"})
+    assert (status, body) == (200, b"198.51.100.2 https shop.example")
+    assert request(fw.port, "GET", "/")[2] == b"127.0.0.1 http 127.0.0.1:%d" % fw.port  # control: none sent
+    assert fw.stop() == 0

@@ -99,8 +99,6 @@ def _boot_failed(log: Any, chan: Channel, error: str) -> int:
 def _run_asgi(spec: WorkerSpec, app: Any, listeners: list[socket.socket], chan: Channel, log: Any,
               grace: list[float], code_dir: str) -> int:
     """An ASGI worker: the lifespan startup runs before Ready, and a failed one is a boot failure."""
-    if spec.proxy_protocol != "off":
-        return _boot_failed(log, chan, "ConfigError: --proxy-protocol is not supported by the ASGI worker yet")
     if spec.threads > 1:
         log.warning("setting_ignored", setting="--threads", why="an ASGI app's coroutines run on the event loop")
     worker = AsgiWorker(spec, app, listeners, chan, log)

@@ -32,7 +32,7 @@ from supervisor.worker.http import _VERSION_LINE, REASONS, Connection, Request
 if TYPE_CHECKING:
     from supervisor.worker.asgi.server import AsgiWorker
 
-IDLE, HEAD, APP, LINGER, UPGRADED = range(5)
+IDLE, HEAD, APP, LINGER, UPGRADED, PROXY = range(6)
 HIGH_WATER = 64 * 1024  # request body bytes read ahead of the app before reading pauses
 LINGER_TIME = 2.0  # how long a closing connection waits for the client's EOF
 DRAIN_IDLE = 1.0  # while draining, an idle keep-alive connection is closed after this much quiet
@@ -355,6 +355,7 @@ class HttpConn(asyncio.Protocol):
         self.server: tuple[str, int] | None = None
         self.trusted = False
         self.sock: Any = None
+        self.proxy_buf = b""  # a PROXY protocol header, while it arrives
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: Any) -> None:
@@ -369,12 +370,19 @@ class HttpConn(asyncio.Protocol):
         if isinstance(local, tuple):
             self.server = (local[0], local[1])
         self.c = Parser(sock, peer, worker.spec.limits, False, 0)
-        self.phase, self.deadline = IDLE, time.monotonic() + worker.idle_timeout
+        if worker.spec.proxy_protocol != "off" and (self.trusted or not isinstance(peer, tuple)):
+            self.phase, self.deadline = PROXY, time.monotonic() + worker.spec.header_timeout
+        else:
+            self.phase, self.deadline = IDLE, time.monotonic() + worker.idle_timeout
         worker.conns.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.phase == LINGER:
             return
+        if self.phase == PROXY:
+            data = self._proxy_header(data)
+            if not data:
+                return
         c = self.c
         if self.phase == IDLE:
             self.phase, self.deadline = HEAD, time.monotonic() + self.worker.spec.header_timeout
@@ -404,6 +412,37 @@ class HttpConn(asyncio.Protocol):
                 self.pause()
             return
         self._advance()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """The PROXY protocol header a trusted proxy sends first (as the WSGI worker reads it).
+        Returns what follows it, b"" while it is not whole (or the connection was dropped)."""
+        buf = self.proxy_buf + data
+        mode = self.worker.spec.proxy_protocol
+        if mode == "auto":
+            ahead = forwarded.proxy_header_ahead(buf)
+            if ahead is None:
+                self.proxy_buf = buf
+                return b""
+            if not ahead:  # a trusted peer may also speak plain HTTP in auto mode
+                self.phase, self.proxy_buf = IDLE, b""
+                return buf
+        try:
+            got = forwarded.read_proxy_header(mode, buf)
+        except ValueError as exc:
+            self.worker.log.warning("proxy_protocol_error", error=str(exc), client=_peer(self.client))
+            self.transport.abort()
+            return b""
+        if got is None:
+            self.proxy_buf = buf
+            return b""
+        result, taken = got
+        client = forwarded.client_address(result)
+        if client is not None:
+            self.client = client
+            self.trusted = self.worker.trust(client[0])  # forwarding headers are the client's own now
+        self.phase, self.proxy_buf = IDLE, b""
+        self.deadline = time.monotonic() + self.worker.idle_timeout
+        return buf[taken:]
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -580,6 +619,10 @@ class HttpConn(asyncio.Protocol):
                 self.linger()
             else:
                 self.transport.abort()
+        elif phase == PROXY:
+            worker.log.warning("proxy_protocol_error", error="no PROXY protocol header in time",
+                               client=_peer(self.client))
+            self.transport.abort()
         elif phase == HEAD:
             worker.client_timeout(self, "head", worker.spec.header_timeout)
             self.write(worker.error_bytes(408))
@@ -603,6 +646,10 @@ class HttpConn(asyncio.Protocol):
                     cycle.wake()
         elif now >= self.deadline:
             self.expire(now)
+
+
+def _peer(client: Any) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unix"
 
 
 def _awaiting(task: asyncio.Task) -> str:
