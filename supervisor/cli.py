@@ -90,10 +90,11 @@ def _run(config: Config, log: Any) -> int:
     if not subreaper:
         log.warning("not_a_subreaper", why="prctl(PR_SET_CHILD_SUBREAPER) failed: orphans of the app "
                     "will not be reaped by supervise")
-    stop_budget = config.graceful_timeout + (config.consul_drain_delay if config.consul else 0.0)
+    stop_budget = config.graceful_timeout + (config.consul_drain_delay if config.consul else config.stop_delay)
     if stop_budget >= DOCKER_STOP_TIMEOUT:
         log.warning("graceful_timeout_too_long", graceful_timeout=config.graceful_timeout,
                     consul_drain_delay=config.consul_drain_delay if config.consul else None,
+                    stop_delay=None if config.consul else config.stop_delay,
                     why="docker stop sends SIGKILL after 10 s by default; drains may be cut short "
                         "(lower --graceful-timeout or raise `docker stop --time`)")
     if "*" in config.forwarded_allow_ips:

@@ -388,8 +388,14 @@ class Config:
     graceful_timeout: float = setting(
         duration, 7.0,
         "How long draining workers may finish in-flight requests before they are killed. Keep it, plus "
-        "--consul-drain-delay, under the container's stop timeout (Docker: 10 s).", "Lifecycle",
+        "--consul-drain-delay or --stop-delay, under the container's stop timeout (Docker: 10 s).", "Lifecycle",
         metavar="DURATION")
+    stop_delay: float = setting(
+        duration, 0.0,
+        "Without --consul: on SIGTERM, answer 503 on /health and keep serving this long before draining, so "
+        "a load balancer that finds this instance another way (a Kubernetes Service, a health-polling LB) "
+        "stops sending traffic first; Kubernetes then needs no preStop sleep. With --consul, "
+        "--consul-drain-delay applies after the withdrawal instead.", "Lifecycle", metavar="DURATION")
     boot_timeout: float = setting(
         positive_duration, 30.0,
         "How long a new worker may take to import the app and report ready. A first generation that misses "

@@ -23,11 +23,13 @@ from supervisor.lifecycle.shutdown import ShutdownTimes
 class Sim:
     def __init__(self, workers: int = 2, rolling: bool = False, *, watcher: bool = False,
                  consul_ttl: float | None = None, withdraw_timeout: float = 5.5, drain_delay: float = 2.0,
+                 stop_delay: float = 0.0,
                  max_rss: int = 0, threads: int = 1, **limits: Any) -> None:
         base: dict[str, Any] = dict(boot_timeout=10.0, graceful_timeout=5.0, worker_timeout=0.0)
         base.update(limits)
         plan = Plan(pool=PoolLimits(workers=workers, rolling=rolling, **base),
-                    shutdown=ShutdownTimes(withdraw_timeout=withdraw_timeout, drain_delay=drain_delay),
+                    shutdown=ShutdownTimes(withdraw_timeout=withdraw_timeout, drain_delay=drain_delay,
+                                           stop_delay=stop_delay),
                     watcher=watcher, consul_ttl=consul_ttl, max_rss=max_rss, threads=threads)
         self.core = Lifecycle(plan, {}, random.Random(1))
         self.pool = self.core.pool

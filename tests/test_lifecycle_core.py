@@ -60,6 +60,32 @@ def stop_gracefully(sim: Sim, consul_answers_after: float | None) -> None:
     raise AssertionError("the stop never finished")
 
 
+def test_without_consul_the_stop_delay_keeps_serving_with_health_503_then_drains():
+    sim = running(2, stop_delay=3.0)
+    actions = sim.signal("SIGTERM")
+    assert notes(actions, "drain_delay")[0].fields == {"seconds": 3.0}
+    assert not [a for a in actions if isinstance(a, (Drain, Kill))], "nothing drains during the stop delay"
+    assert not sim.core.can_serve(sim.now), "health answers 503 from the first step"
+    assert not [a for a in sim.advance(2.99) if isinstance(a, (Drain, Kill))]
+    drains = [a for a in sim.advance(0.01) if isinstance(a, Drain)]
+    assert sorted(d.pid for d in drains) == sim.pids_of(1)
+    sim.exit_all(sim.pids_of(1))
+    assert sim.exited_with == Exit(0, "shutdown complete")
+
+
+def test_without_consul_and_no_stop_delay_the_drain_starts_at_once():
+    """The control: the default drains at the signal (the delay above is the setting's doing)."""
+    sim = running(2)
+    drains = [a for a in sim.signal("SIGTERM") if isinstance(a, Drain)]
+    assert sorted(d.pid for d in drains) == sim.pids_of(1)
+
+
+def test_a_second_sigterm_during_the_stop_delay_kills_at_once():
+    sim = running(2, stop_delay=30.0)
+    sim.signal("SIGTERM")
+    assert sorted(a.pid for a in sim.signal("SIGTERM") if isinstance(a, Kill)) == sim.pids_of(1)
+
+
 def test_shutdown_withdraws_then_waits_the_drain_delay_then_drains_then_exits():
     sim = consul_sim()
     consul = sim.core.helpers[CONSUL].pid

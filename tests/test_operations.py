@@ -384,3 +384,27 @@ def test_bind_fd_serves_an_inherited_socket_and_refuses_what_is_not_one(tmp_path
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+# --------------------------------------------------------------------------- stop delay (no Consul)
+
+
+def test_stop_delay_keeps_serving_with_health_503_then_drains(supervise, app_dir):
+    """Without Consul, --stop-delay is the time a Kubernetes Service or a health-polling load
+    balancer gets to stop sending traffic: /health says 503 at once, requests still succeed, and
+    only then do the workers drain.  (The control, no delay draining at once, is the fake-clock
+    test test_without_consul_and_no_stop_delay_the_drain_starts_at_once.)"""
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--stop-delay", "3s",
+                   health=True).ready()
+    with Load(sv.port, clients=4, timeout=2.0) as load:
+        load.wait_requests(50)
+        sv.signal(signal.SIGTERM)
+        sv.wait_for("drain_delay", seconds=3.0)
+        wait_until(lambda: http_get(sv.health_port, "/health")[0] == 503, message="health 503")
+        assert not sv.find("worker_draining"), "nothing drains during the stop delay"
+        load.wait_requests(50)  # still served while health says 503
+        load.stop()  # before the delay ends: nothing is left to send traffic after it
+        assert not sv.find("worker_draining")
+    assert not load.failures(), load.summary()
+    sv.wait_for("worker_draining", timeout=10)
+    assert sv.proc.wait(20) == 0

@@ -2,12 +2,14 @@
 
     running --stop--> withdrawing --Withdrawn or timeout--> delaying --drain delay--> draining
        |                  (Consul)                          (DNS, LBs)               (pool drains)
-       +--stop, not registered-----------------------------------------------------> draining
+       +--stop, not registered--------------------------> delaying --stop delay----> draining
+       +--stop, not registered, no stop delay--------------------------------------> draining
     any phase --fast stop (SIGQUIT, or a second SIGTERM/SIGINT)--------------------> killing
 
 The service leaves Consul first, then waits `drain_delay` so DNS caches and load balancers
-stop sending it traffic, and only then do the workers drain.  Health answers 503 from the
-first step.  Draining and killing end when the pool is empty (`PoolEmpty`).
+stop sending it traffic, and only then do the workers drain.  Without Consul, `stop_delay`
+(0 by default) plays that part for load balancers that learn of the stop some other way (a
+Kubernetes Service, a load balancer polling /health).  Health answers 503 from the first step.  Draining and killing end when the pool is empty (`PoolEmpty`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Phase(str, Enum):
 class ShutdownTimes:
     withdraw_timeout: float  # how long to wait for Consul's answer
     drain_delay: float
+    stop_delay: float = 0.0  # not registered with Consul: wait this long before draining
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class Shutdown:
         if registered:
             self._enter(Phase.WITHDRAWING, now + self.times.withdraw_timeout)
             return out + [StartWithdraw()]
+        if self.times.stop_delay > 0:
+            self._enter(Phase.DELAYING, now + self.times.stop_delay)
+            return out + [Log("drain_delay", {"seconds": self.times.stop_delay})]
         self._enter(Phase.DRAINING, None)
         return out + [RetirePool(Retire.GRACEFUL)]
 

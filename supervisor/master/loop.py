@@ -61,7 +61,8 @@ def plan_from(config: Config, watcher: bool) -> Plan:
             boot_concurrency=max(8, 4 * usable_cpus()), max_workers=config.max_workers,
             preload=config.preload, max_memory=config.max_memory),
         shutdown=ShutdownTimes(withdraw_timeout=config.consul_timeout + WITHDRAW_MARGIN,
-                               drain_delay=config.consul_drain_delay),
+                               drain_delay=config.consul_drain_delay,
+                               stop_delay=config.stop_delay),
         watcher=watcher, debounce=config.watch_debounce,
         consul_ttl=config.consul_ttl if config.consul else None, max_rss=config.max_rss,
         threads=config.threads)
