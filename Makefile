@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8000
 HEALTH_PORT ?= $(shell expr $(PORT) + 1)
 
-.PHONY: check-prereqs install demo test test-fast soak bench bench-quick image image-demo docs clean
+.PHONY: check-prereqs install demo test test-fast soak bench bench-quick bench-heavy image image-demo docs clean
 
 # make, python3 >= 3.11 with venv/ensurepip, procps: one line naming the apt-get command if not.
 check-prereqs:
@@ -45,10 +45,17 @@ soak: install
 	$(PY) -m tests.soak $(SOAK_ARGS)
 
 # Side by side with gunicorn (sync, gthread), uWSGI and Granian (installed into .venv-bench by
-# bench/setup.sh); writes docs/benchmarks.md (~12 min).
+# bench/setup.sh); writes docs/benchmarks.md (~12 min), then appends the heavy-app table
+# (--preload against gunicorn --preload and uWSGI, ~2 min).
 bench: install
 	bash bench/setup.sh
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/heavy.py --append docs/benchmarks.md
+
+# Only the heavy-app table (preload that still reloads), printed.
+bench-heavy: install
+	bash bench/setup.sh
+	$(PY) bench/heavy.py
 
 # A short smoke run; results go to bench/results/, docs are left alone.
 bench-quick: install
