@@ -152,3 +152,73 @@ def test_preload_runs_the_apps_at_fork_hooks_in_each_worker(supervise, tmp_path)
     for event in sv.find("worker_spawned"):
         assert (code / f"forked.{event['worker_pid']}").exists()
     assert sv.stop() == 0
+
+
+def test_preload_recycled_and_scaled_workers_fork_from_the_same_zygote(supervise, app_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(app_dir), "--no-watch", "--preload",
+                   "--max-requests", "20").ready()
+    zygote = _zygote_pid(sv, 1)
+    for _ in range(25):
+        assert http_get(sv.port)[1] == "version=1"
+    recycled = sv.wait_for("worker_recycle")
+    replacement = sv.wait_for("worker_spawned", count=2)
+    sv.wait_for("worker_exited", worker_pid=recycled["worker_pid"])
+    assert replacement["generation"] == 1
+    sv.signal(signal.SIGTTIN)  # live scaling: one more worker
+    scaled = sv.wait_for("worker_spawned", count=3)
+    sv.wait_for("worker_ready", worker_pid=scaled["worker_pid"])
+    assert len(sv.find("zygote_started")) == 1, "every fork came from the generation's one zygote"
+    assert psutil.Process(zygote).is_running()
+    assert http_get(sv.port)[1] == "version=1"
+    assert sv.stop() == 0
+
+
+def test_preload_a_fresh_zygote_on_changed_code_leads_to_a_reload(supervise, app_dir):
+    """The zygote died and the code on disk changed since: the respawn's fresh zygote imports the
+    new code, so its worker is not put in service beside the old ones; a reload follows."""
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    zygote = _zygote_pid(sv, 1)
+    os.kill(zygote, signal.SIGKILL)
+    sv.wait_for("zygote_exited", zygote_pid=zygote)
+    write_app(app_dir, "2")
+    victim = sorted(_worker_pids(sv))[0]
+    os.kill(victim, signal.SIGKILL)
+    sv.wait_for("code_changed_under_generation")
+    sv.wait_for("generation_ready", count=2)
+    assert http_get(sv.port)[1] == "version=2"
+    assert sv.stop() == 0
+
+
+ASGI_APP = '''
+import os
+VERSION = {version!r}
+STARTED = []
+
+async def application(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                STARTED.append(os.getpid())  # runs in each worker, after the fork
+                await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    else:
+        body = ("version=%s startup_in=%s" % (VERSION, STARTED == [os.getpid()])).encode()
+        await send({{"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]}})
+        await send({{"type": "http.response.body", "body": body}})
+'''
+
+
+def test_preload_serves_an_asgi_app_with_its_lifespan_in_each_worker(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "app.py").write_text(ASGI_APP.format(version="1"))
+    sv = supervise("app", "--workers", "2", "--chdir", str(code), "--no-watch", "--preload").ready()
+    assert http_get(sv.port)[1] == "version=1 startup_in=True"
+    (code / "app.py").write_text(ASGI_APP.format(version="2"))
+    assert sv.reload()["outcome"] == "succeeded"
+    assert http_get(sv.port)[1] == "version=2 startup_in=True"
+    assert sv.stop() == 0
