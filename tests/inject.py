@@ -287,7 +287,27 @@ def raw_access_log() -> None:
     accesslog.escape = as_is  # type: ignore[assignment]
 
 
+def workers_die_with_zygote() -> None:
+    """Negative control for --preload: a naive zygote forks its workers once, so they are its
+    children, with their parent-death signal tied to it: a dead zygote takes them along."""
+    from dataclasses import replace
+
+    from supervisor.worker import main as worker
+    from supervisor.worker import zygote
+
+    def single_fork(spec: Any, kind: Any, listeners: Any, chan_fd: int, chan: Any) -> tuple[int, str]:
+        pid = os.fork()
+        if pid == 0:
+            chan.sock.detach()
+            worker.run(replace(spec, master_pid=os.getppid()), listeners, socket.socket(fileno=chan_fd),
+                       preloaded=kind)
+        return pid, ""
+
+    zygote._fork_worker = single_fork  # type: ignore[assignment]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "workers-die-with-zygote": workers_die_with_zygote,
     "raw-access-log": raw_access_log,
     "retire-early": retire_early,
     "handoff-gate": handoff_gate,

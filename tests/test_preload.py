@@ -222,3 +222,17 @@ def test_preload_serves_an_asgi_app_with_its_lifespan_in_each_worker(supervise, 
     assert sv.reload()["outcome"] == "succeeded"
     assert http_get(sv.port)[1] == "version=2 startup_in=True"
     assert sv.stop() == 0
+
+
+def test_negative_control_workers_forked_once_die_with_their_zygote(supervise, app_dir):
+    """The failure mode the double fork prevents: workers that are the zygote's children (with
+    their parent-death signal tied to it) all go when it is killed."""
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload",
+                   inject=["workers-die-with-zygote"]).ready()
+    zygote = _zygote_pid(sv, 1)
+    workers = [e["worker_pid"] for e in sv.find("worker_spawned")]
+    assert all(psutil.Process(pid).ppid() == zygote for pid in workers)
+    os.kill(zygote, signal.SIGKILL)
+    for pid in workers:
+        sv.wait_for("worker_exited", worker_pid=pid)
+    sv.kill()
