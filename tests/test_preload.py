@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import psutil
-import pytest
 
 from tests.harness import (Load, assert_monotonic_versions, http_get, hup_reloads_under_load, wait_until,
                            write_app)
