@@ -39,6 +39,7 @@ async def application(scope, receive, send):
                 scope["state"]["version"] = VERSION
                 await send({{"type": "lifespan.startup.complete"}})
             elif message["type"] == "lifespan.shutdown":
+                open("shutdown." + VERSION, "a").write("done\\n")  # the tests' proof that it ran
                 await send({{"type": "lifespan.shutdown.complete"}})
                 return
     elif scope["type"] == "websocket":
@@ -271,6 +272,22 @@ def test_negative_control_a_passing_lifespan_startup_reloads(supervise, asgi_dir
     assert load.results[-1].body == "version=2"
     assert http_get(sv.port, "/state") == (200, "state=2")  # lifespan state of the new code
     assert sv.stop() == 0
+
+
+def test_lifespan_shutdown_runs_when_a_generation_drains_and_on_sigterm(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch").ready()
+    write_asgi_app(asgi_dir, "2")
+    assert sv.reload()["outcome"] == "succeeded"  # the old generation drained: its shutdown ran
+    assert (asgi_dir / "shutdown.1").read_text() == "done\n" * 2
+    assert not (asgi_dir / "shutdown.2").exists()
+    assert sv.stop() == 0
+    assert (asgi_dir / "shutdown.2").read_text() == "done\n" * 2
+
+
+def test_lifespan_on_refuses_an_app_without_lifespan_support(supervise):
+    sv = supervise("asgi_django", "--workers", "1", "--chdir", str(APPS), "--no-watch", "--lifespan", "on")
+    assert sv.wait(30) == 3
+    assert "lifespan startup failed" in sv.find("boot_failed")[0]["error"]
 
 
 def test_lifespan_startup_failure_at_start_exits_3(supervise, tmp_path):
