@@ -607,3 +607,67 @@ def test_proxy_protocol_and_forwarded_headers_set_the_scopes_client(supervise, t
     assert (status, body) == (200, b"198.51.100.2 https shop.example")
     assert request(fw.port, "GET", "/")[2] == b"127.0.0.1 http 127.0.0.1:%d" % fw.port  # control: none sent
     assert fw.stop() == 0
+
+
+def test_app_failures_and_http_details(supervise, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "odd.py").write_text(textwrap.dedent('''
+        async def application(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            path = scope["path"]
+            if path == "/raise":
+                raise RuntimeError("boom")
+            if path == "/nothing":
+                return
+            if path == "/splitting":
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"x-evil", b"a\\r\\nSet-Cookie: stolen=1")]})
+                return
+            if path == "/cut":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+                raise RuntimeError("after the head")
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            out = b"got " + body
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(out)).encode())]})
+            await send({"type": "http.response.body", "body": out})
+    '''))
+    sv = supervise("odd", "--workers", "1", "--chdir", str(code), "--no-watch").ready()
+    for path in ("/raise", "/nothing", "/splitting"):
+        status, headers, _ = request(sv.port, "GET", path)
+        assert status == 500 and "set-cookie" not in headers, path
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
+        sock.sendall(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and b"partial" in data and not data.endswith(b"0\r\n\r\n")
+    assert len(sv.find("app_exception")) == 4  # each logged with its traceback
+    # HEAD: the head only; 100-continue; a chunked request body; HTTP/1.0 keep-alive.
+    status, headers, body = request(sv.port, "HEAD", "/")
+    assert (status, headers["content-length"], body) == (200, "4", b"")
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        assert sock.recv(4096).endswith(b"got hello")
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        assert sock.recv(4096).endswith(b"got abcde")
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        first = sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"connection: keep-alive" in first.lower()
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # no keep-alive asked: closed after the response
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        assert data.endswith(b"got ") and b"connection: close" in data.lower()
+    assert sv.stop() == 0
