@@ -23,7 +23,13 @@ from supervisor.channel import Channel
 from supervisor.worker.app import code_fingerprint, interface_of, load_app, prepare_import
 # Imported here, in the master, once: every ASGI worker it forks then has asyncio's loop (or
 # uvloop's), httptools and wsproto loaded, and boots in a fork's time instead of ~0.1-0.3 s.
-from supervisor.worker.asgi.server import AsgiWorker
+# Without one of its dependencies (an install that skipped wsproto) WSGI apps still run, and an
+# ASGI app fails to boot with that one line.
+try:
+    from supervisor.worker.asgi.server import AsgiWorker
+except ImportError as exc:
+    AsgiWorker = None  # type: ignore[assignment,misc]
+    ASGI_UNAVAILABLE = f"ImportError: the ASGI worker cannot run: {exc} (pip install supervise, with its dependencies)"
 from supervisor.worker.loop import WorkerLoop
 from supervisor.worker.spec import WorkerSpec
 
@@ -99,6 +105,8 @@ def _boot_failed(log: Any, chan: Channel, error: str) -> int:
 def _run_asgi(spec: WorkerSpec, app: Any, listeners: list[socket.socket], chan: Channel, log: Any,
               grace: list[float], code_dir: str) -> int:
     """An ASGI worker: the lifespan startup runs before Ready, and a failed one is a boot failure."""
+    if AsgiWorker is None:
+        return _boot_failed(log, chan, ASGI_UNAVAILABLE)
     if spec.threads > 1:
         log.warning("setting_ignored", setting="--threads", why="an ASGI app's coroutines run on the event loop")
     worker = AsgiWorker(spec, app, listeners, chan, log)
