@@ -295,7 +295,7 @@ def workers_die_with_zygote() -> None:
     from supervisor.worker import main as worker
     from supervisor.worker import zygote
 
-    def single_fork(spec: Any, kind: Any, listeners: Any, chan_fd: int, chan: Any) -> tuple[int, str]:
+    def single_fork(spec: Any, kind: Any, listeners: Any, chan_fd: int, chan: Any, exiting: Any) -> tuple[int, str]:
         pid = os.fork()
         if pid == 0:
             chan.sock.detach()

@@ -78,11 +78,17 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
 def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socket], chan: Channel,
            log: Any) -> int:
     dump_fd = -1
+    exiting: dict[int, int] = {}  # pidfd -> pid of an intermediate process, reaped once it exited
     while True:
-        ready, _, _ = select.select([chan.sock], [], [], IDLE_WAIT)
+        ready, _, _ = select.select([chan.sock, *exiting], [], [], IDLE_WAIT)
         if not ready:
             if os.getppid() != spec.master_pid:
                 return 0
+            continue
+        for fd in [fd for fd in ready if fd in exiting]:
+            _reap(exiting.pop(fd))
+            os.close(fd)
+        if chan.sock not in ready:
             continue
         for received in chan.receive():
             message = received.message
@@ -92,7 +98,7 @@ def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socke
                 dump_fd = received.fd
             elif isinstance(message, proto.Fork) and received.fd is not None:
                 pid, error = _fork_worker(replace(spec, slot=message.slot, dump_fd=dump_fd), kind,
-                                          listeners, received.fd, chan)
+                                          listeners, received.fd, chan, exiting)
                 os.close(received.fd)
                 if dump_fd >= 0:
                     os.close(dump_fd)
@@ -107,9 +113,10 @@ def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socke
 
 
 def _fork_worker(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socket], chan_fd: int,
-                 chan: Channel) -> tuple[int, str]:
+                 chan: Channel, exiting: dict[int, int]) -> tuple[int, str]:
     """Fork twice; the worker (the grandchild) becomes the master's child.  Its pid, or 0 and
-    the error."""
+    the error.  The intermediate is reaped later, once its pidfd (added to `exiting`) says it
+    exited: the answer need not wait for its exit."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = os.fork()
@@ -126,36 +133,31 @@ def _fork_worker(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket
                 os.close(w)
                 chan.sock.detach()  # the zygote's channel: after_fork closes the descriptor
                 _become_worker(spec, kind, listeners, chan_fd)
-            os.write(w, str(grandchild).encode())
+            os.write(w, f"{grandchild}\n".encode())
             code = 0
         except OSError as exc:
-            os.write(w, f"error {exc}".encode())
+            os.write(w, f"error {exc}\n".encode())
         finally:
             os._exit(code)
     os.close(w)
     data = b""
     try:
-        while select.select([r], [], [], FORK_WAIT)[0]:
+        exiting[os.pidfd_open(pid)] = pid
+        while b"\n" not in data and select.select([r], [], [], FORK_WAIT)[0]:
             chunk = os.read(r, 256)
             if not chunk:
                 break
             data += chunk
     finally:
         os.close(r)
-        _reap(pid)
-    text = data.decode(errors="replace")
+    text = data.decode(errors="replace").strip()
     if text.isdigit():
         return int(text), ""
     return 0, text.removeprefix("error ") or "the intermediate process did not answer"
 
 
 def _reap(pid: int) -> None:
-    """Collect the intermediate (it exits right after its fork; a bounded wait)."""
-    fd = os.pidfd_open(pid)
-    try:
-        select.select([fd], [], [], FORK_WAIT)
-    finally:
-        os.close(fd)
+    """Collect an intermediate process that exited."""
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
