@@ -671,3 +671,37 @@ def test_app_failures_and_http_details(supervise, tmp_path):
             data += chunk
         assert data.endswith(b"got ") and b"connection: close" in data.lower()
     assert sv.stop() == 0
+
+
+def test_a_pipelined_request_whose_body_comes_later_is_read(supervise, tmp_path):
+    """Reading pauses while a pipelined request waits, and must resume for its body."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "sizes.py").write_text(textwrap.dedent('''
+        async def application(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            size = 0
+            while True:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            out = f"{scope['path']}={size};".encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(out)).encode())]})
+            await send({"type": "http.response.body", "body": out})
+    '''))
+    sv = supervise("sizes", "--workers", "1", "--chdir", str(code), "--no-watch", "--body-timeout", "30").ready()
+    with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+        first = sock.recv(4096)
+        assert first.endswith(b"/a=0;"), first
+        sock.sendall(b"y" * 200000)  # the second request's body, after the first was answered
+        second = b""
+        while not second.endswith(b";"):
+            chunk = sock.recv(4096)
+            assert chunk, second
+            second += chunk
+        assert second.endswith(b"/b=200000;"), second
+    assert sv.stop() == 0

@@ -144,7 +144,7 @@ class Cycle:
                 if stream:
                     body = stream.popleft() if len(stream) == 1 else b"".join(stream)
                     stream.clear()
-                    conn.buffered -= len(body)
+                    conn.buffered = 0
                     if conn.paused:
                         conn.resume()
                     more = not req.complete
@@ -156,6 +156,7 @@ class Cycle:
                 if req.expect_continue and not req.continue_sent and not self.head_sent:
                     req.continue_sent = True
                     conn.write(CONTINUE)
+                conn.resume()  # the body is still coming, so nothing is pipelined behind it: read on
                 conn.body_wait(True)
             elif self.complete:
                 return {"type": "http.disconnect"}
@@ -548,6 +549,8 @@ class HttpConn(asyncio.Protocol):
         cycle.request_id = scope.pop("_rid")
         if len(self.c.requests) > 1:  # type: ignore[union-attr]
             self.pause()  # a pipelined request waits: read no further meanwhile
+        else:
+            self.resume()
         self.buffered = sum(map(len, req.stream)) if req.stream else 0
         if worker.limit and worker.inflight >= worker.limit:
             cycle._error(503)  # --limit-concurrency: over it, answered at once (and closed)
