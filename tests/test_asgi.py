@@ -705,3 +705,26 @@ def test_a_pipelined_request_whose_body_comes_later_is_read(supervise, tmp_path)
             second += chunk
         assert second.endswith(b"/b=200000;"), second
     assert sv.stop() == 0
+
+
+def test_without_uvloop_asyncios_own_loop_serves_http_websockets_and_reloads(supervise, asgi_dir, tmp_path):
+    stub = tmp_path / "no-uvloop"
+    stub.mkdir()
+    (stub / "uvloop.py").write_text('raise ImportError("uvloop is not installed here")\n')
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch",
+                   env={"PYTHONPATH": f"{stub}{os.pathsep}{ROOT}"}).ready()
+    result: dict[str, Any] = {}
+    ready = threading.Event()
+    client = threading.Thread(target=_ws_client, args=(sv.port, result, ready), daemon=True)
+    client.start()
+    assert ready.wait(15)
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_asgi_app(asgi_dir, "2")
+        assert sv.reload()["outcome"] == "succeeded"
+        load.wait_requests(50)
+    client.join(30)
+    assert result == {"first": "version=1", "code": 1012, "second": "version=2"}, result
+    assert not load.failures(), load.summary()
+    assert_monotonic_versions(load, ["version=1", "version=2"])
+    assert sv.stop() == 0
