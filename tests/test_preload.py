@@ -234,3 +234,31 @@ def test_negative_control_workers_forked_once_die_with_their_zygote(supervise, a
     for pid in workers:
         sv.wait_for("worker_exited", worker_pid=pid)
     sv.kill()
+
+
+def _zygotes(sv) -> list[int]:
+    out = []
+    for child in psutil.Process(sv.pid).children():
+        try:
+            if "supervise: zygote" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_preload_hup_storm_supersedes_zygotes_and_leaves_one(supervise, app_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(30)
+        for n in range(2, 7):
+            write_app(app_dir, str(n), extra="time.sleep(0.3)")  # an import that takes a while
+            sv.signal(signal.SIGHUP)
+        wait_until(lambda: http_get(sv.port)[1] == "version=6", timeout=30, message="the newest code")
+        load.wait_requests(30)
+    assert not load.failures(), load.summary()
+    assert sv.find("reload_finished", outcome="superseded"), "HUPs during a boot superseded it"
+    serving = sv.find("generation_ready")[-1]["generation"]
+    wait_until(lambda: _zygotes(sv) == [sv.find("zygote_ready", generation=serving)[0]["zygote_pid"]],
+               message="only the serving generation's zygote left")
+    assert sv.stop() == 0
