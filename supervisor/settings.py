@@ -172,34 +172,36 @@ UNLIMITED = 1 << 62  # cgroup v1 says "no limit" with a huge number
 
 
 def cgroup_memory_limit() -> int:
-    """This process's cgroup memory limit in bytes (v2 memory.max, or v1 memory.limit_in_bytes),
-    0 when none is set."""
+    """The memory limit of this process's cgroup in bytes, the lowest along its ancestors (v2
+    memory.max, or v1 memory.limit_in_bytes); 0 when none is set."""
     try:
         lines = open("/proc/self/cgroup").read().splitlines()
     except OSError:
         return 0
-    candidates = []
+    limits = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            candidates += [f"/sys/fs/cgroup{path.rstrip('/')}/memory.max", "/sys/fs/cgroup/memory.max"]
+            root, name = "/sys/fs/cgroup", "memory.max"
         elif "memory" in controllers.split(","):
-            candidates += [f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.limit_in_bytes",
-                           "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
-    for candidate in candidates:
-        try:
-            text = open(candidate).read().strip()
-        except OSError:
+            root, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
             continue
-        if text == "max":
-            continue
-        try:
-            limit = int(text)
-        except ValueError:
-            continue
-        if 0 < limit < UNLIMITED:
-            return limit
-    return 0
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):  # the cgroup itself, then each parent up to the mount
+            limit = _read_limit(os.path.join(root, *parts[:depth], name))
+            if limit:
+                limits.append(limit)
+    return min(limits, default=0)
+
+
+def _read_limit(path: str) -> int:
+    try:
+        text = open(path).read().strip()
+        limit = 0 if text == "max" else int(text)
+    except (OSError, ValueError):
+        return 0
+    return limit if 0 < limit < UNLIMITED else 0
 
 
 WORKERS_PER_CPU = 32
