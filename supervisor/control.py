@@ -240,12 +240,18 @@ def describe(state: Mapping[str, Any]) -> str:
             lines.append(f"generation {g['number']} {g['state']} ({g['reason']}, {_age(g['age'])})")
     if state.get("workers"):
         lines.append("")
+        unique = any("uss" in w for w in state["workers"])  # --preload, --max-memory: own and shared memory
         lines.append(f"{'worker':>6} {'gen':>4} {'pid':>8}  {'state':<9}{'requests':>9} {'busy':>4} "
-                     f"{'rss':>8} {'heartbeat':>9}")
+                     f"{'rss':>8} {'heartbeat':>9}" + (f" {'uss':>8} {'shared':>8}" if unique else ""))
         for w in state["workers"]:
             rss = f"{w['rss'] / 1048576:.0f} MiB" if w.get("rss") else "-"
+            memory = f" {_mib(w.get('uss')):>8} {_mib(w.get('shared')):>8}" if unique else ""
             lines.append(f"{w['worker']:>6} {w['generation']:>4} {w['pid']:>8}  {w['state']:<9}{w['requests']:>9} "
-                         f"{w['busy']:>4} {rss:>8} {w['heartbeat_age']:>8.1f}s")
+                         f"{w['busy']:>4} {rss:>8} {w['heartbeat_age']:>8.1f}s" + memory)
+    for z in state.get("zygotes", []):
+        threads = f"  threads at fork: {', '.join(z['threads_at_fork'])}" if z.get("threads_at_fork") else ""
+        lines.append(f"zygote of generation {z['generation']}: pid {z['pid']} {z['state']}, uss {_mib(z.get('uss'))}, "
+                     f"pss {_mib(z.get('pss'))}{threads}")
     if state.get("reloads"):
         lines.append("")
         lines.append("last reloads:")
@@ -260,6 +266,10 @@ def describe(state: Mapping[str, Any]) -> str:
     if state.get("shutdown") not in (None, "running"):
         lines.append(f"shutdown: {state['shutdown']}")
     return "\n".join(lines)
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 1048576:.0f} MiB" if value else "-"
 
 
 def _age(seconds: float) -> str:

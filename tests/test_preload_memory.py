@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import http_get, wait_until, write_app
+from tests.harness import ROOT, SUPERVISE, http_get, wait_until, write_app
 
 MiB = 1 << 20
 
@@ -100,6 +101,10 @@ def test_health_shows_unique_and_shared_memory_and_the_zygote(supervise, tmp_pat
         assert worker["uss"] > 0 and worker["shared"] > worker["uss"], worker
     (zygote,) = body["zygotes"]
     assert zygote["generation"] == 1 and zygote["state"] == "ready" and zygote["uss"] > 0, zygote
+    shown = subprocess.run([*SUPERVISE, "status", "--health-bind", f"127.0.0.1:{sv.health_port}"],
+                           capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert shown.returncode == 0 and "zygote of generation 1: pid" in shown.stdout, shown
+    assert " uss " in shown.stdout and " shared" in shown.stdout, shown.stdout
     metrics = http_get(sv.health_port, "/metrics")[1]
     for name in ("supervise_worker_unique_memory_bytes", "supervise_worker_shared_memory_bytes",
                  "supervise_zygote_memory_bytes"):
