@@ -28,6 +28,7 @@ import httptools
 
 from supervisor.worker import accesslog, forwarded
 from supervisor.worker.http import _VERSION_LINE, REASONS, Connection, Request
+from supervisor.worker.wsgi import SINGLETONS
 
 if TYPE_CHECKING:
     from supervisor.worker.asgi.server import AsgiWorker
@@ -50,6 +51,8 @@ _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason
     429: "Too Many Requests", 502: "Bad Gateway", 504: "Gateway Timeout"}.items()}
 
 
+_SINGLETONS = frozenset((n[5:] if n.startswith("HTTP_") else n).lower().replace("_", "-").encode()
+                        for n in SINGLETONS)
 LENGTH, CONNECTION, DATE, REQUEST_ID = 1, 2, 3, 4
 _KINDS = {b"content-length": LENGTH, b"connection": CONNECTION, b"date": DATE, b"x-request-id": REQUEST_ID}
 HEAD_CACHE = 4096  # validated response header lines kept per worker
@@ -547,6 +550,11 @@ class HttpConn(asyncio.Protocol):
             return
         cycle = self.cycle = Cycle(self, req, scope, time.monotonic())
         cycle.request_id = scope.pop("_rid")
+        limit = worker.spec.limits.body
+        if limit and req.received > limit:  # arrived with its head, before any check of ours
+            self.closing = True
+            self.fail_head(cycle, 413, "request body over --limit-request-body")
+            return
         if len(self.c.requests) > 1:  # type: ignore[union-attr]
             self.pause()  # a pipelined request waits: read no further meanwhile
         else:
@@ -690,8 +698,17 @@ def build_scope(worker: AsgiWorker, conn: Any, req: Request, kind: str) -> dict[
     hosts = 0
     rid: str | None = None
     forwarding = False
+    once: dict[bytes, bytes] | None = None
     for name, value in req.headers:
         lname = name.lower()
+        if lname in _SINGLETONS:
+            # Once-only fields repeated with another value (Host: repeated at all) make a request
+            # ambiguous: which one did an intermediary act on?  (The WSGI worker's rule.)
+            if once is None:
+                once = {}
+            if lname in once and (lname == b"host" or once[lname] != value):
+                return f"{name.decode('latin-1')} repeated"
+            once[lname] = value
         if lname == b"host":
             hosts += 1
         elif lname == b"x-request-id":
