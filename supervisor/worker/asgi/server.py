@@ -21,6 +21,7 @@ import select
 import signal
 import socket
 import time
+import traceback
 from typing import Any, Callable
 
 from supervisor import proto
@@ -130,6 +131,7 @@ class AsgiWorker:
 
     async def _main(self, ready: Callable[[], None]) -> str | None:
         loop = self.loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_error)
         self.done = loop.create_future()
         # The loop's handler runs the drain; ours only notes the signal at once, so that a look
         # right after accept() returned sees a SIGTERM delivered on that return.
@@ -147,6 +149,14 @@ class AsgiWorker:
         remaining = self.drain_started + self.spec.graceful_timeout - 0.2 - time.monotonic()
         await self.lifespan.shutdown(remaining)
         return None
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """What the event loop could not hand to anyone (a bug of ours in a callback, a task's
+        exception nobody read): one structured event, not asyncio's lines on stderr."""
+        exc = context.get("exception")
+        trace = "".join(traceback.format_exception(exc)) if isinstance(exc, BaseException) else ""
+        self.log.error("internal_error", error=context.get("message", ""),
+                       exception=f"{type(exc).__name__}: {exc}" if exc is not None else None, traceback=trace)
 
     def beat(self) -> None:
         served = self.requests
