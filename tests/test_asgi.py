@@ -728,3 +728,49 @@ def test_without_uvloop_asyncios_own_loop_serves_http_websockets_and_reloads(sup
     assert not load.failures(), load.summary()
     assert_monotonic_versions(load, ["version=1", "version=2"])
     assert sv.stop() == 0
+
+
+# --------------------------------------------------------------------------- hostile conditions
+
+
+def test_out_of_descriptors_the_asgi_worker_pauses_and_recovers(supervise, asgi_dir):
+    import psutil
+
+    from tests.test_hostile import _exhaust_descriptors
+
+    sv = supervise("app", "-w", "1", "--chdir", str(asgi_dir), "--no-watch", "--keepalive-timeout", "60",
+                   prefix=["prlimit", "--nofile=256:256", "--"]).ready()
+    worker = psutil.Process(sv.find("worker_ready")[0]["worker_pid"])
+    socks = _exhaust_descriptors(sv)
+    first = sv.wait_for("accept_failed", timeout=20)
+    cpu_before = sum(worker.cpu_times()[:2])
+    second = sv.wait_for("accept_failed", count=2, timeout=20)
+    cpu = sum(worker.cpu_times()[:2]) - cpu_before
+    assert cpu < 0.5 * (second["_t"] - first["_t"]), f"the worker spun: {cpu:.2f}s of CPU"
+    assert second["pause"] > first["pause"]  # the pause grows
+    for s in socks:
+        s.close()
+    wait_until(lambda: http_get(sv.port, "/", timeout=2)[0] == 200, timeout=20, message="serving again")
+    assert sv.stop() == 0
+
+
+def test_an_asgi_worker_never_outlives_a_killed_master_with_the_port(supervise, asgi_dir):
+    from tests.test_hostile import gone, port_is_free
+
+    sv = supervise("app", "-w", "1", "--chdir", str(asgi_dir), "--no-watch", "--graceful-timeout", "2").ready()
+    worker = sv.find("worker_ready")[0]["worker_pid"]
+    slow: dict[str, Any] = {}
+    threading.Thread(target=lambda: slow.update(r=_try(lambda: request(sv.port, "GET", "/slow?600"))),
+                     daemon=True).start()
+    wait_until(lambda: (asgi_dir / "slow.started").exists(), 10, message="/slow in flight")
+    os.kill(sv.pid, signal.SIGKILL)
+    sv.wait(10)
+    wait_until(lambda: gone(worker), timeout=10, message="the orphaned worker to exit")
+    assert port_is_free(sv.port)
+
+
+def _try(call: Any) -> Any:
+    try:
+        return call()
+    except OSError as exc:
+        return exc
