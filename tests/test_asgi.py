@@ -774,3 +774,29 @@ def _try(call: Any) -> Any:
         return call()
     except OSError as exc:
         return exc
+
+
+def test_health_is_503_while_the_only_worker_is_at_its_concurrency_limit(supervise, asgi_dir):
+    sv = supervise("app", "-w", "1", "--chdir", str(asgi_dir), "--no-watch", "--limit-concurrency", "1",
+                   health=True).ready()
+    assert sv.health()[0] == 200
+    slow: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: slow.update(r=request(sv.port, "GET", "/slow?4")), daemon=True)
+    t.start()
+    wait_until(lambda: (asgi_dir / "slow.started").exists(), 10, message="/slow in flight")
+    status, body = wait_until(lambda: (h := sv.health())[0] == 503 and h, timeout=10, message="health 503")
+    assert body["available_workers"] == 0
+    t.join(15)
+    assert slow["r"][0] == 200
+    wait_until(lambda: sv.health()[0] == 200, timeout=5, message="health back to 200")
+    # Negative control: without a limit the worker's capacity is --worker-connections: it stays available.
+    free = supervise("app", "-w", "1", "--chdir", str(asgi_dir), "--no-watch", health=True).ready()
+    (asgi_dir / "slow.started").unlink()
+    t = threading.Thread(target=lambda: request(free.port, "GET", "/slow?2"), daemon=True)
+    t.start()
+    wait_until(lambda: (asgi_dir / "slow.started").exists(), 10, message="/slow in flight")
+    while t.is_alive():  # sampled through the request (heartbeats report it busy meanwhile)
+        status, body = free.health()
+        assert status == 200 and body["available_workers"] == 1, body
+        t.join(0.1)
+    assert sv.stop() == 0 and free.stop() == 0
