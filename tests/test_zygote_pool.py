@@ -252,3 +252,37 @@ def test_max_rss_compares_unique_memory_when_preloaded() -> None:
     pid = sim.pids_of(1, "serving")[0]
     sim.handle(Measured(pid, rss=250 * MiB, uss=10 * MiB))
     assert sim.pool.workers[pid].recycle == "max-rss (250 MiB)"
+
+
+def test_a_superseded_generations_zygote_is_stopped() -> None:
+    sim = preloaded()
+    sim.reload()
+    z2 = zygote_pid(sim, 2)
+    out = sim.reload()  # SIGHUP again while generation 2's zygote imports
+    assert sim.pool.generations[2].state == GenState.SUPERSEDED
+    assert Kill(z2, "its generation is retired") in out
+    sim.exit(z2, "signal 9 (SIGKILL)")
+    assert [a for a in sim.log if isinstance(a, StartZygote) and a.generation == 3]
+    sim.say(zygote_pid(sim, 3), proto.ZygoteReady("c3"))
+    sim.ready_all(3)
+    assert sim.serving() == 3
+
+
+def test_a_zygote_whose_channel_broke_is_killed_and_replaced_on_demand() -> None:
+    from supervisor.lifecycle.events import SendFailed
+
+    sim = preloaded()
+    z1 = zygote_pid(sim, 1)
+    out = sim.handle(SendFailed(z1))
+    assert [a for a in out if isinstance(a, Kill) and a.pid == z1]
+    sim.exit(z1, "signal 9 (SIGKILL)")
+    assert sim.serving() == 1 and len(sim.pids_of(1, "serving")) == 2
+
+
+def test_preloaded_forks_respect_the_boot_concurrency() -> None:
+    sim = Sim(6, preload=True, boot_concurrency=2)
+    sim.start()
+    out = sim.say(zygote_pid(sim, 1), proto.ZygoteReady("c"))
+    assert len([a for a in out if isinstance(a, Spawn)]) == 2
+    out = sim.ready_all(1)
+    assert len([a for a in out if isinstance(a, Spawn)]) == 2
