@@ -174,17 +174,17 @@ def _become_worker(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[sock
 
 
 def _await_adoption(master_pid: int) -> None:
-    """Wait until the intermediate has exited and we are the master's child, so that the
-    worker's parent-death signal is tied to the master (it is set by the worker path)."""
-    for _ in range(3):
-        parent = os.getppid()
-        if parent == master_pid:
-            return
-        try:
-            fd = os.pidfd_open(parent)
-        except OSError:
-            continue  # gone already: look again
-        try:
-            select.select([fd], [], [], ADOPTION_WAIT)
-        finally:
-            os.close(fd)
+    """Wait until the intermediate has exited, so that we are the master's child and the
+    worker's parent-death signal (set by the worker path) is tied to the master.  Were we
+    re-parented elsewhere (the master is gone, or is no subreaper), that check ends us."""
+    intermediate = os.getppid()
+    if intermediate == master_pid:
+        return
+    try:
+        fd = os.pidfd_open(intermediate)
+    except OSError:
+        return  # gone already
+    try:
+        select.select([fd], [], [], ADOPTION_WAIT)
+    finally:
+        os.close(fd)
