@@ -127,6 +127,7 @@ class ZygoteReady(Message):
     kind: ClassVar[str] = "zygote_ready"
     code: str = ""
     threads: list[str] = field(default_factory=list)  # other threads alive at fork time (a fork-safety mistake)
+    connections: list[str] = field(default_factory=list)  # peers of connected sockets the workers would share
 
 
 @dataclass(frozen=True)

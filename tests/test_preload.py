@@ -262,3 +262,29 @@ def test_preload_hup_storm_supersedes_zygotes_and_leaves_one(supervise, app_dir)
     wait_until(lambda: _zygotes(sv) == [sv.find("zygote_ready", generation=serving)[0]["zygote_pid"]],
                message="only the serving generation's zygote left")
     assert sv.stop() == 0
+
+
+CONNECTION_AT_IMPORT = '''
+import socket
+DB = socket.create_connection(("127.0.0.1", int(os.environ["TEST_DB_PORT"])))
+'''
+
+
+def test_preload_warns_about_connections_opened_at_import(supervise, tmp_path):
+    import socket
+
+    with socket.socket() as db:
+        db.bind(("127.0.0.1", 0))
+        db.listen(8)  # connections complete in the backlog: nothing needs to accept them
+        port = db.getsockname()[1]
+        write_app(tmp_path / "code", "1", extra=CONNECTION_AT_IMPORT)
+        sv = supervise("app", "--workers", "1", "--chdir", str(tmp_path / "code"), "--no-watch", "--preload",
+                       env={"TEST_DB_PORT": str(port)}).ready()
+        warned = sv.wait_for("connections_at_fork")
+        assert warned["peers"] == [f"127.0.0.1:{port}"] and warned["level"] == "warning"
+        assert sv.stop() == 0
+    # Negative control: an app that opens none is not warned about.
+    write_app(tmp_path / "code2", "1")
+    sv = supervise("app", "--workers", "1", "--chdir", str(tmp_path / "code2"), "--no-watch", "--preload").ready()
+    assert sv.stop() == 0
+    assert not sv.find("connections_at_fork")

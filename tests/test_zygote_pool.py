@@ -286,3 +286,14 @@ def test_preloaded_forks_respect_the_boot_concurrency() -> None:
     assert len([a for a in out if isinstance(a, Spawn)]) == 2
     out = sim.ready_all(1)
     assert len([a for a in out if isinstance(a, Spawn)]) == 2
+
+
+def test_connections_open_in_the_zygote_are_named_in_a_warning() -> None:
+    sim = Sim(1, preload=True)
+    sim.start()
+    out = sim.say(zygote_pid(sim, 1), proto.ZygoteReady("c", [], ["10.0.0.5:5432"]))
+    warned = notes(out, "connections_at_fork")
+    assert warned and warned[0].fields["peers"] == ["10.0.0.5:5432"]
+    sim = Sim(1, preload=True)
+    sim.start()
+    assert not notes(sim.say(zygote_pid(sim, 1), proto.ZygoteReady("c")), "connections_at_fork")

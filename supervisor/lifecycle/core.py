@@ -178,7 +178,7 @@ class Lifecycle:
             return
         if self.pool.zygote_of(pid) is not None:
             if isinstance(message, proto.ZygoteReady):
-                self.pool.zygote_ready(now, pid, tuple(message.threads))
+                self.pool.zygote_ready(now, pid, tuple(message.threads), tuple(message.connections))
             elif isinstance(message, proto.BootError):
                 self.pool.boot_error(now, pid, message.error)
             return

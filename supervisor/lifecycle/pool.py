@@ -338,7 +338,8 @@ class Pool:
         if self._zygote_retired(z):
             self._stop_zygote(z, "its generation is retired")
 
-    def zygote_ready(self, now: float, pid: int, threads: tuple[str, ...] = ()) -> None:
+    def zygote_ready(self, now: float, pid: int, threads: tuple[str, ...] = (),
+                     connections: tuple[str, ...] = ()) -> None:
         z = self.zygote_of(pid)
         if z is None or z.state != ZygoteState.STARTING:
             return
@@ -353,6 +354,12 @@ class Pool:
                                                "threads": list(threads),
                                                "hint": "the app started threads at import: they do not "
                                                        "exist in the forked workers"}, Level.WARNING))
+        if connections:
+            self._emit(Log("connections_at_fork", {"generation": z.generation, "zygote_pid": pid,
+                                                   "peers": list(connections),
+                                                   "hint": "the app opened connections at import: every worker "
+                                                           "would share them; open them per worker"},
+                           Level.WARNING))
 
     def _zygote_exited(self, now: float, z: Zygote, status: str, cause: str | None) -> None:
         del self.zygotes[z.generation]

@@ -26,6 +26,8 @@ import threading
 from dataclasses import replace
 from typing import Any, NoReturn
 
+import psutil
+
 from supervisor import logs, proc, proto
 from supervisor.channel import Channel
 from supervisor.worker import main as worker
@@ -69,10 +71,27 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
     # pages stay shared with every worker forked below.
     gc.freeze()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    chan.send(proto.ZygoteReady(code_fingerprint(code_dir), threads))
+    ours = {chan_sock.fileno(), *(s.fileno() for s in listeners)}
+    chan.send(proto.ZygoteReady(code_fingerprint(code_dir), threads, _connections(ours)))
     # The workers import from the directory the zygote imported from, even if a symlink moved.
     template = replace(spec, chdir=code_dir if spec.chdir else None)
     return _serve(template, kind, listeners, chan, log)
+
+
+def _connections(ours: set[int]) -> list[str]:
+    """The peers of connected sockets the import left open (a database, a cache): every worker
+    forked from here would share each of them, and their traffic would interleave."""
+    try:
+        found = psutil.Process().net_connections(kind="all")
+    except (psutil.Error, OSError):
+        return []
+    peers = set()
+    for conn in found:
+        if conn.fd in ours or not conn.raddr:
+            continue
+        peer = conn.raddr
+        peers.add(f"{peer.ip}:{peer.port}" if hasattr(peer, "ip") else str(peer))
+    return sorted(peers)
 
 
 def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socket], chan: Channel,
