@@ -56,7 +56,7 @@ class Lifespan:
                 raise
             return
         # The app returned: it has no lifespan support (auto), or it ended it.
-        if not self.started.done():
+        if self.started is not None and not self.started.done():
             if self.mode == "on":
                 self._settle(self.started, "lifespan startup failed: the app returned without "
                                            "completing the startup")

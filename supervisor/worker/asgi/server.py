@@ -38,7 +38,7 @@ from supervisor.worker.wsgi import _DateCache
 try:  # optional: `pip install supervise[uvloop]`
     import uvloop
 except ImportError:
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]
 
 HEARTBEAT_INTERVAL = 1.0
 SWEEP_INTERVAL = 0.1  # at most this often, look for connections past their deadline
@@ -162,10 +162,8 @@ class AsgiWorker:
         served = self.requests
         drained = served - self.requests_at_drain if self.requests_at_drain is not None else 0
         stats = self.stats
-        by_label = getattr(stats, "by_label", None)  # the counts' labels, made once per heartbeat
         self.chan.send(proto.Beat(served, drained, self.inflight + self.websockets, self.started,
-                                  by_label() if by_label is not None else dict(stats.counts),
-                                  list(stats.hist), stats.seconds))
+                                  stats.by_label(), list(stats.hist), stats.seconds))
 
     def _tick(self) -> None:
         if self.done is not None and not self.done.done():
