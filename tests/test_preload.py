@@ -288,3 +288,23 @@ def test_preload_warns_about_connections_opened_at_import(supervise, tmp_path):
     sv = supervise("app", "--workers", "1", "--chdir", str(tmp_path / "code2"), "--no-watch", "--preload").ready()
     assert sv.stop() == 0
     assert not sv.find("connections_at_fork")
+
+
+def test_preload_respawn_after_a_code_change_on_disk_runs_the_generations_code(supervise, app_dir):
+    """The code on disk changed (no reload asked): a crashed worker's respawn forks from the
+    generation's zygote, so it runs the generation's code and is put in service as is.  (The
+    negative control is the fresh-zygote test above: a zygote that imports the changed code
+    triggers a reload.)"""
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload").ready()
+    write_app(app_dir, "2")
+    victim = sorted(_worker_pids(sv))[0]
+    os.kill(victim, signal.SIGKILL)
+    sv.wait_for("worker_exited", worker_pid=victim)
+    respawned = sv.wait_for("worker_spawned", count=3)
+    sv.wait_for("worker_ready", worker_pid=respawned["worker_pid"])
+    wait_until(lambda: len(_worker_pids(sv)) == 2, message="two workers again")
+    bodies = {http_get(sv.port)[1] for _ in range(20)}
+    assert bodies == {"version=1"}
+    assert not sv.find("code_changed_under_generation")
+    assert len(sv.find("zygote_started")) == 1 and not sv.find("reload_started")
+    assert sv.stop() == 0

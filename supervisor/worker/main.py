@@ -16,7 +16,7 @@ import gc
 import os
 import signal
 import socket
-from typing import Any, NoReturn
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from supervisor import logs, proc, proto
 from supervisor.channel import Channel
@@ -36,8 +36,16 @@ from supervisor.worker.spec import WorkerSpec
 EXIT_BOOT_FAILED = 3
 
 
+class Preloaded(NamedTuple):
+    """What a worker forked by its generation's zygote (--preload) starts with."""
+
+    interface: str  # wsgi or asgi
+    app: Any
+    code: str  # the fingerprint of the code, taken by the zygote right after it imported it
+
+
 def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket,
-        preloaded: tuple[str, Any] | None = None) -> NoReturn:
+        preloaded: Preloaded | None = None) -> NoReturn:
     """The whole life of a worker, in the child after fork.  Never returns.  `preloaded`:
     (interface, app) already imported by the generation's zygote (--preload)."""
     code = 1
@@ -48,7 +56,7 @@ def run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.sock
 
 
 def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.socket,
-         preloaded: tuple[str, Any] | None) -> int:
+         preloaded: Preloaded | None) -> int:
     # SIGTERM only wakes the loop until the loop installs its own handler (that notes it too).
     proc.after_fork({chan_sock.fileno(), spec.lifeline_fd, spec.dump_fd, *(s.fileno() for s in listeners)},
                     on_term=_wake_only)
@@ -81,16 +89,22 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
         if isinstance(kind, str):
             return _boot_failed(log, chan, kind)
     else:
-        kind = preloaded
+        kind = preloaded.interface, preloaded.app
     interface, app = kind
+    # A preloaded worker runs what its zygote imported: its fingerprint, not the files' now.
+    imported = preloaded.code if preloaded is not None else None
+
+    def code() -> str:
+        return imported if imported is not None else code_fingerprint(code_dir)
+
     # What the app imported lives as long as the worker: the cyclic garbage collector need not
     # scan it again and again (and copy-on-write pages stay shared with nothing to touch them).
     gc.freeze()
     if interface == "asgi":
-        return _run_asgi(spec, app, listeners, chan, log, grace, code_dir)
+        return _run_asgi(spec, app, listeners, chan, log, grace, code)
     loop = WorkerLoop(spec, app, listeners, chan, wake_r, log)
     grace[0] = spec.graceful_timeout
-    chan.send(proto.Ready(code_fingerprint(code_dir)))
+    chan.send(proto.Ready(code()))
     loop.run()
     loop.beat()  # the final count, read by the master before it handles our exit
     return 0
@@ -103,7 +117,7 @@ def _boot_failed(log: Any, chan: Channel, error: str) -> int:
 
 
 def _run_asgi(spec: WorkerSpec, app: Any, listeners: list[socket.socket], chan: Channel, log: Any,
-              grace: list[float], code_dir: str) -> int:
+              grace: list[float], code: Callable[[], str]) -> int:
     """An ASGI worker: the lifespan startup runs before Ready, and a failed one is a boot failure."""
     if AsgiWorker is None:
         return _boot_failed(log, chan, ASGI_UNAVAILABLE)
@@ -113,7 +127,7 @@ def _run_asgi(spec: WorkerSpec, app: Any, listeners: list[socket.socket], chan: 
 
     def ready() -> None:
         grace[0] = spec.graceful_timeout
-        chan.send(proto.Ready(code_fingerprint(code_dir), spec.limit_concurrency or spec.worker_connections))
+        chan.send(proto.Ready(code(), spec.limit_concurrency or spec.worker_connections))
 
     error = worker.run(ready)
     if error is not None:

@@ -72,10 +72,11 @@ def _run(spec: WorkerSpec, listeners: list[socket.socket], chan_sock: socket.soc
     gc.freeze()
     threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     ours = {chan_sock.fileno(), *(s.fileno() for s in listeners)}
-    chan.send(proto.ZygoteReady(code_fingerprint(code_dir), threads, _connections(ours)))
+    code = code_fingerprint(code_dir)
+    chan.send(proto.ZygoteReady(code, threads, _connections(ours)))
     # The workers import from the directory the zygote imported from, even if a symlink moved.
     template = replace(spec, chdir=code_dir if spec.chdir else None)
-    return _serve(template, kind, listeners, chan, log)
+    return _serve(template, worker.Preloaded(*kind, code), listeners, chan, log)
 
 
 def _connections(ours: set[int]) -> list[str]:
@@ -94,12 +95,12 @@ def _connections(ours: set[int]) -> list[str]:
     return sorted(peers)
 
 
-def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socket], chan: Channel,
+def _serve(spec: WorkerSpec, kind: worker.Preloaded, listeners: list[socket.socket], chan: Channel,
            log: Any) -> int:
     dump_fd = -1
     exiting: dict[int, int] = {}  # pidfd -> pid of an intermediate process, reaped once it exited
     while True:
-        ready, _, _ = select.select([chan.sock, *exiting], [], [], IDLE_WAIT)
+        ready, _, _ = select.select([chan.fileno(), *exiting], [], [], IDLE_WAIT)
         if not ready:
             if os.getppid() != spec.master_pid:
                 return 0
@@ -107,7 +108,7 @@ def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socke
         for fd in [fd for fd in ready if fd in exiting]:
             _reap(exiting.pop(fd))
             os.close(fd)
-        if chan.sock not in ready:
+        if chan.fileno() not in ready:
             continue
         for received in chan.receive():
             message = received.message
@@ -131,7 +132,7 @@ def _serve(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socke
             return 0  # the master is gone
 
 
-def _fork_worker(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socket], chan_fd: int,
+def _fork_worker(spec: WorkerSpec, kind: worker.Preloaded, listeners: list[socket.socket], chan_fd: int,
                  chan: Channel, exiting: dict[int, int]) -> tuple[int, str]:
     """Fork twice; the worker (the grandchild) becomes the master's child.  Its pid, or 0 and
     the error.  The intermediate is reaped later, once its pidfd (added to `exiting`) says it
@@ -183,7 +184,8 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _become_worker(spec: WorkerSpec, kind: tuple[str, Any], listeners: list[socket.socket], chan_fd: int) -> NoReturn:
+def _become_worker(spec: WorkerSpec, kind: worker.Preloaded, listeners: list[socket.socket],
+                   chan_fd: int) -> NoReturn:
     try:
         _await_adoption(spec.master_pid)
         sock = socket.socket(fileno=chan_fd)
