@@ -207,7 +207,7 @@ def test_max_requests_recycles_asgi_workers_without_failures(supervise, asgi_dir
         fresh.wait_requests(20)
     for each in (load, fresh):
         assert not each.failures(), each.summary()
-    assert sv.find("worker_draining", reason="recycle")  # the worker was told why (WebSockets: 1012)
+    sv.wait_for("worker_draining", reason="recycle")  # the worker was told why (WebSockets: 1012)
     assert sv.stop() == 0
 
 
@@ -555,7 +555,8 @@ def test_slow_heads_and_stalled_bodies_get_408_and_cost_only_themselves(supervis
         assert http_get(sv.port) == (200, "0")  # others are served meanwhile
         assert slow_head.recv(4096).startswith(b"HTTP/1.1 408 ")
         assert slow_body.recv(4096).startswith(b"HTTP/1.1 408 ")
-    assert sv.find("client_timeout", phase="head") and sv.find("client_timeout", phase="body")
+    sv.wait_for("client_timeout", phase="head")  # the log line may come after the response
+    sv.wait_for("client_timeout", phase="body")
     # Negative control: a body that arrives whole is read.
     status, _, body = request(sv.port, "POST", "/", b"0123456789")
     assert (status, body) == (200, b"10")
@@ -597,7 +598,7 @@ def test_proxy_protocol_and_forwarded_headers_set_the_scopes_client(supervise, t
     with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:  # v1 is required from it
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(4096) == b""
-    assert sv.find("proxy_protocol_error")
+    sv.wait_for("proxy_protocol_error")
     assert sv.stop() == 0
     # Forwarding headers from a trusted peer (127.0.0.1 by default), as for WSGI.
     fw = supervise("who", "--workers", "1", "--chdir", str(code), "--no-watch").ready()
@@ -650,7 +651,7 @@ def test_app_failures_and_http_details(supervise, tmp_path):
         while chunk := sock.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 ") and b"partial" in data and not data.endswith(b"0\r\n\r\n")
-    assert len(sv.find("app_exception")) == 4  # each logged with its traceback
+    sv.wait_for("app_exception", count=4)  # each logged with its traceback
     # HEAD: the head only; 100-continue; a chunked request body; HTTP/1.0 keep-alive.
     status, headers, body = request(sv.port, "HEAD", "/")
     assert (status, headers["content-length"], body) == (200, "4", b"")
