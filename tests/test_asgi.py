@@ -801,3 +801,25 @@ def test_health_is_503_while_the_only_worker_is_at_its_concurrency_limit(supervi
         assert status == 200 and body["available_workers"] == 1, body
         t.join(0.1)
     assert sv.stop() == 0 and free.stop() == 0
+
+
+def test_preload_runs_asgi_apps_too(supervise, asgi_dir):
+    """--preload (a zygote imports the app once per generation): the lifespan still runs in each
+    worker, reloads still swap generations, WebSockets still get 1012."""
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch", "--preload").ready()
+    assert http_get(sv.port, "/state") == (200, "state=1")
+    result: dict[str, Any] = {}
+    ready = threading.Event()
+    client = threading.Thread(target=_ws_client, args=(sv.port, result, ready), daemon=True)
+    client.start()
+    assert ready.wait(15)
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_asgi_app(asgi_dir, "2")
+        assert sv.reload()["outcome"] == "succeeded"
+        load.wait_requests(50)
+    client.join(30)
+    assert result == {"first": "version=1", "code": 1012, "second": "version=2"}, result
+    assert not load.failures(), load.summary()
+    assert http_get(sv.port, "/state") == (200, "state=2")
+    assert sv.stop() == 0
