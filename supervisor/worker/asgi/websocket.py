@@ -103,7 +103,8 @@ class WsConn(asyncio.Protocol):
             if isinstance(event, (TextMessage, BytesMessage)):
                 self._message(event)
             elif isinstance(event, Ping):
-                self._write(self.ws.send(event.response()))
+                if self.state == OPEN:  # once closing, no more pongs (wsproto refuses them too)
+                    self._write(self.ws.send(event.response()))
             elif isinstance(event, Request):
                 self._push({"type": "websocket.connect"})
                 self.worker.live.add(self)
@@ -121,9 +122,12 @@ class WsConn(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _message(self, event: TextMessage | BytesMessage) -> None:
+        if self.state != OPEN:
+            return  # closing: what still arrives is dropped, not kept
         self.parts.append(event.data)
         self.size += len(event.data)
         if self.max_size and self.size > self.max_size:
+            self.parts, self.size = [], 0
             self.close(TOO_BIG, "message too big")
             return
         if not event.message_finished:
