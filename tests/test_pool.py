@@ -249,3 +249,19 @@ def test_a_late_connection_goes_to_the_newest_generation():
     sim.pool.heartbeat(sim.now, new[0], requests=50)
     assert sim.pool.handoff_target(old[0]) == new[1], "the less busy worker of generation 2"
     assert sim.pool.handoff_target(new[0]) is None, "nothing newer than generation 2"
+
+
+def test_a_pending_reload_starts_when_every_worker_died_waiting_for_it() -> None:
+    """Respawns wait for a pending reload (it refills the slots); the reload must then not wait
+    for a serving worker, or a pool whose workers all crashed meanwhile never serves again."""
+    sim = running(2)
+    a, b = sim.pids_of(1, "serving")
+    sim.pool.workers[a].started = 1
+    sim.exit(a, "exit 7")  # a request crashed it: respawned at once
+    (a2,) = sim.pids_of(1, "starting")
+    sim.reload(supersede=False)  # a file change: waits for the respawn to be serving
+    sim.exit(b, "exit 7")
+    sim.exit(a2, "exit 7")  # the respawn dies too: nobody serves, the reload is pending
+    assert len(sim.pids_of(2, "starting")) == 2, "the reload starts and refills every slot"
+    sim.ready_all(2)
+    assert sim.serving() == 2 and len(sim.pids_of(2, "serving")) == 2

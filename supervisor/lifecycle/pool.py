@@ -725,7 +725,10 @@ class Pool:
     def _start_pending(self, now: float) -> None:
         """Start the queued reload once nothing else is booting, draining or dying, so at most
         two generations are ever alive: the serving one and the new one."""
-        if self.pending is None or not self._any_serving() or self.starting_generation() is not None:
+        # A reload waits for a generation to have served (the first one), not for a worker serving
+        # now: were every worker dead, their respawns would wait for the reload (`_fill_slots`)
+        # and the reload for them, for ever.
+        if self.pending is None or self.serving_generation() is None or self.starting_generation() is not None:
             return
         if any(w.state != WorkerState.SERVING for w in self.workers.values()):
             return
