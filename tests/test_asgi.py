@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.harness import ROOT, Load, assert_monotonic_versions, http_get, wait_until
@@ -44,6 +44,11 @@ async def application(scope, receive, send):
                 return
     elif scope["type"] == "websocket":
         await receive()
+        if scope["path"] == "/deny" and "websocket.http.response" in scope.get("extensions", {{}}):
+            await send({{"type": "websocket.http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", b"7")]}})
+            await send({{"type": "websocket.http.response.body", "body": b"go away"}})
+            return
         await send({{"type": "websocket.accept"}})
         await send({{"type": "websocket.send", "text": "version=" + VERSION}})
         while True:
@@ -822,4 +827,15 @@ def test_preload_runs_asgi_apps_too(supervise, asgi_dir):
     assert result == {"first": "version=1", "code": 1012, "second": "version=2"}, result
     assert not load.failures(), load.summary()
     assert http_get(sv.port, "/state") == (200, "state=2")
+    assert sv.stop() == 0
+
+
+def test_websocket_denial_response_and_refusal(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "1", "--chdir", str(asgi_dir), "--no-watch").ready()
+    with pytest.raises(InvalidStatus) as denied:
+        connect(ws_url(sv.port, "/deny"), compression=None, open_timeout=5)
+    assert denied.value.response.status_code == 401 and denied.value.response.body == b"go away"
+    with connect(ws_url(sv.port, "/"), compression=None) as ws:  # control: another path is accepted
+        assert ws.recv(timeout=5) == "version=1"
+    assert http_get(sv.port) == (200, "version=1")
     assert sv.stop() == 0

@@ -367,6 +367,7 @@ class AsgiWorker:
         if isinstance(scope, str):
             return False
         rid = scope.pop("_rid")
+        scope["extensions"] = {"websocket.http.response": {}}
         scope["subprotocols"] = [p.strip() for n, v in req.headers if n.lower() == b"sec-websocket-protocol"
                                  for p in v.decode("latin-1").split(",") if p.strip()]
         conn.resume()

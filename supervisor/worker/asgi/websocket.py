@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 MAX_QUEUED = 16  # messages read ahead of the app before reading pauses
 CLOSE_WAIT = 2.0
 RECONNECT_SETTLE = 0.25  # the least time between a drain's start and its 1012 (see drain_now)  # how long the server waits for the client's close frame after its own
-HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
+HANDSHAKE, OPEN, CLOSING, CLOSED, DENYING = range(5)
 GOING_AWAY, SERVICE_RESTART, TOO_BIG, PROTOCOL_ERROR, INTERNAL_ERROR, NORMAL = 1001, 1012, 1009, 1002, 1011, 1000
 
 
@@ -199,8 +199,25 @@ class WsConn(asyncio.Protocol):
                 self._reject(403)
             else:
                 self.close(int(message.get("code") or NORMAL), message.get("reason") or "", tell_app=False)
-        elif kind == "websocket.http.response.start":
-            raise RuntimeError("the WebSocket denial response extension is not supported")
+        elif kind == "websocket.http.response.start":  # the denial response extension
+            if self.state != HANDSHAKE:
+                raise RuntimeError("websocket.http.response.start after the handshake")
+            status = message["status"]
+            if type(status) is not int or not 100 <= status <= 599 or status == 101:
+                raise RuntimeError(f"invalid denial status from the app: {status!r}")
+            headers = [(bytes(n).lower(), bytes(v)) for n, v in message.get("headers") or ()]
+            self._write(self.ws.send(RejectConnection(status_code=status, headers=headers, has_body=True)))
+            self.state = DENYING
+            self._handshake_done(status)
+        elif kind == "websocket.http.response.body":
+            if self.state != DENYING:
+                raise RuntimeError("websocket.http.response.body without websocket.http.response.start")
+            more = bool(message.get("more_body", False))
+            self._write(self.ws.send(RejectData(data=message.get("body", b""), body_finished=not more)))
+            if not more:
+                self._close_transport()
+            elif self.write_paused:
+                await self._drain()
         else:
             raise RuntimeError(f"unexpected ASGI message in the websocket scope: {kind!r}")
 
@@ -228,6 +245,8 @@ class WsConn(asyncio.Protocol):
             return
         if self.state == HANDSHAKE:
             self._reject(403)  # the app returned without accepting: refused
+        elif self.state == DENYING:
+            self._close_transport()  # a denial response left unfinished: the client sees it cut
         elif self.state == OPEN:
             self.close(NORMAL, "", tell_app=False)
 
@@ -253,6 +272,9 @@ class WsConn(asyncio.Protocol):
         if self.state == HANDSHAKE:
             self._reject(503 if code in (GOING_AWAY, SERVICE_RESTART) else 500)
             self._push({"type": "websocket.disconnect", "code": code, "reason": reason})
+            return
+        if self.state == DENYING:
+            self._close_transport()  # a denial response cut short
             return
         if self.state != OPEN:
             return
@@ -312,7 +334,7 @@ class WsConn(asyncio.Protocol):
         worker = self.worker
         worker.conns.discard(self)
         worker.websockets -= 1
-        if self.state in (HANDSHAKE, OPEN, CLOSING) and self.task is not None:
+        if self.state in (HANDSHAKE, OPEN, CLOSING, DENYING) and self.task is not None:
             self._push({"type": "websocket.disconnect", "code": 1006, "reason": ""})
         self.state = CLOSED
         self._release(self.waiter)
