@@ -308,3 +308,18 @@ def test_preload_respawn_after_a_code_change_on_disk_runs_the_generations_code(s
     assert not sv.find("code_changed_under_generation")
     assert len(sv.find("zygote_started")) == 1 and not sv.find("reload_started")
     assert sv.stop() == 0
+
+
+def test_preload_reload_whose_workers_cannot_be_forked_fails_and_the_old_generation_serves(supervise, app_dir):
+    """An at-fork hook that kills the child: the new zygote imports, but no worker comes out of
+    it.  The reload fails at once (not at --boot-timeout) and the old generation serves on."""
+    sv = supervise("app", "--workers", "2", "--chdir", str(app_dir), "--no-watch", "--preload",
+                   "--boot-timeout", "60").ready()
+    write_app(app_dir, "2", extra="os.register_at_fork(after_in_child=lambda: os._exit(1))")
+    failed = sv.reload()
+    assert failed["outcome"] == "failed" and "could not be forked" in failed["error"], failed
+    assert http_get(sv.port)[1] == "version=1"
+    write_app(app_dir, "3")  # negative control: a forkable app reloads
+    assert sv.reload()["outcome"] == "succeeded"
+    assert http_get(sv.port)[1] == "version=3"
+    assert sv.stop() == 0
