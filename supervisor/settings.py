@@ -480,7 +480,7 @@ class Config:
     websocket_drain: float = setting(
         duration, 0.0, "On a reload (or a recycle, or scaling in), how long the old workers' WebSockets may "
         "go on once the new generation serves; then they are closed with 1012 (service restart) so that "
-        "clients reconnect to the new code. Capped at three quarters of --graceful-timeout. On shutdown "
+        "clients reconnect to the new code. Capped so that the close handshake ends within --graceful-timeout (at 7 s: 3.25 s). On shutdown "
         "they close at once with 1001 (going away).", "ASGI", metavar="DURATION")
     # ---------------------------------------------------------------- watch
     watch: tuple[str, ...] = setting(

@@ -29,7 +29,7 @@ from supervisor.channel import Channel
 from supervisor.worker import accesslog, forwarded
 from supervisor.worker.asgi.http import UPGRADED, Cycle, HttpConn, build_scope
 from supervisor.worker.asgi.lifespan import Lifespan
-from supervisor.worker.asgi.websocket import WsConn
+from supervisor.worker.asgi.websocket import CLOSE_WAIT, WsConn
 from supervisor.worker.http import REASONS, Request
 from supervisor.worker.spec import WorkerSpec
 from supervisor.worker.stats import NoStats, RequestStats
@@ -47,6 +47,12 @@ ACCEPT_BATCH = 16
 ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 1.0
 LIFESPAN_SHARE = 0.25  # of --graceful-timeout, kept for the lifespan shutdown (at most 2 s)
 REJECT_LOG_BURST, REJECT_LOG_INTERVAL = 20, 10.0
+
+
+def drain_time(graceful: float) -> float:
+    """How long connections may take to finish once the drain began: what leaves the lifespan
+    shutdown its share of --graceful-timeout (a quarter, at most 2 s)."""
+    return max(graceful * (1 - LIFESPAN_SHARE), graceful - 2.0)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -98,7 +104,8 @@ class AsgiWorker:
         self.limit = spec.limit_concurrency
         self.keepalive = spec.keepalive_timeout > 0
         self.idle_timeout = spec.keepalive_timeout or FIRST_REQUEST_WAIT
-        self.websocket_drain = min(spec.websocket_drain, spec.graceful_timeout * (1 - LIFESPAN_SHARE))
+        # WebSockets must be told (and answer) before the drain is cut short: see _begin_drain.
+        self.websocket_drain = max(0.0, min(spec.websocket_drain, drain_time(spec.graceful_timeout) - CLOSE_WAIT))
         self.date = _DateCache()
         self.head_lines: dict[Any, tuple[bytes, int]] = {}  # validated response header lines (bounded)
         self.lifespan = Lifespan(app, spec.lifespan, log)
@@ -227,8 +234,7 @@ class AsgiWorker:
         now = time.monotonic()
         self.draining = True
         self.drain_started = now
-        self.drain_deadline = now + self.spec.graceful_timeout * (1 - LIFESPAN_SHARE)
-        self.drain_deadline = max(self.drain_deadline, now + self.spec.graceful_timeout - 2.0)
+        self.drain_deadline = now + drain_time(self.spec.graceful_timeout)
         self.requests_at_drain = self.requests
         self._update_accepting()
         for sock in self.listeners:
