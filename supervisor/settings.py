@@ -480,8 +480,9 @@ class Config:
     websocket_drain: float = setting(
         duration, 0.0, "On a reload (or a recycle, or scaling in), how long the old workers' WebSockets may "
         "go on once the new generation serves; then they are closed with 1012 (service restart) so that "
-        "clients reconnect to the new code. Capped so that the close handshake ends within --graceful-timeout (at 7 s: 3.25 s). On shutdown "
-        "they close at once with 1001 (going away).", "ASGI", metavar="DURATION")
+        "clients reconnect to the new code. Capped so that the close handshake ends within "
+        "--graceful-timeout (at 7 s: 3.25 s). On shutdown they close at once with 1001 (going away).", "ASGI",
+        metavar="DURATION")
     # ---------------------------------------------------------------- watch
     watch: tuple[str, ...] = setting(
         path_value, (), "Directory to watch for code changes (repeatable). Defaults to --chdir when one is "
