@@ -665,7 +665,8 @@ def test_app_failures_and_http_details(supervise, tmp_path):
         assert sock.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(b"hello")
         assert sock.recv(4096).endswith(b"got hello")
-        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
         assert sock.recv(4096).endswith(b"got abcde")
     with socket.create_connection(("127.0.0.1", sv.port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")

@@ -266,8 +266,8 @@ class Cycle:
                 lines.append(b"transfer-encoding: chunked\r\n")
             else:
                 self.close = True  # HTTP/1.0: the end of the body is the end of the connection
-        if not self.close and (conn.worker.draining or conn.closing or (conn.c is not None and conn.c.closing) or not self.req.keep_alive
-                               or not conn.worker.keepalive):
+        if not self.close and (conn.worker.draining or conn.closing or (conn.c is not None and conn.c.closing)
+                               or not self.req.keep_alive or not conn.worker.keepalive):
             self.close = True
         if self.close:
             lines.append(b"connection: close\r\n")

@@ -78,7 +78,8 @@ class Lifespan:
             self._settle(self.started, None)
         elif kind == "lifespan.startup.failed":
             text = str(message.get("message") or "lifespan.startup.failed")
-            self._settle(self.started, f"lifespan startup failed: {text.strip().splitlines()[-1] if text.strip() else text}")
+            last = text.strip().splitlines()[-1] if text.strip() else text  # a traceback's last line
+            self._settle(self.started, f"lifespan startup failed: {last}")
         elif kind == "lifespan.shutdown.complete":
             self._settle(self.stopped, None)
         elif kind == "lifespan.shutdown.failed":

@@ -354,14 +354,16 @@ class AsgiWorker:
         scope = cycle.scope
         self.stats.record(cycle.status, scope.get("method", "GET"), seconds)
         if self.access is not None:
-            self.access(_Logged(scope, cycle.req, cycle.status, cycle.written, cycle.request_id), seconds)  # type: ignore[arg-type]
+            logged = _Logged(scope, cycle.req, cycle.status, cycle.written, cycle.request_id)
+            self.access(logged, seconds)  # type: ignore[arg-type]
 
     def record_websocket(self, ws: WsConn, status: int) -> None:
         self.requests += 1
         seconds = time.monotonic() - ws.started
         self.stats.record(status, "GET", seconds)
         if self.access is not None:
-            self.access(_Logged({**ws.scope, "method": "GET"}, ws.req, status, 0, ws.request_id), seconds)  # type: ignore[arg-type]
+            logged = _Logged({**ws.scope, "method": "GET"}, ws.req, status, 0, ws.request_id)
+            self.access(logged, seconds)  # type: ignore[arg-type]
 
     def upgrade(self, conn: HttpConn, req: Request, rest: bytes) -> bool:
         """Hand an Upgrade: websocket request over to a WsConn.  False: not a WebSocket upgrade

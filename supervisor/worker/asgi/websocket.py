@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from supervisor.worker.asgi.server import AsgiWorker
 
 MAX_QUEUED = 16  # messages read ahead of the app before reading pauses
-CLOSE_WAIT = 2.0
-RECONNECT_SETTLE = 0.25  # the least time between a drain's start and its 1012 (see drain_now)  # how long the server waits for the client's close frame after its own
+CLOSE_WAIT = 2.0  # how long the server waits for the client's close frame after its own
+RECONNECT_SETTLE = 0.25  # the least time between a drain's start and its 1012 (see drain_now)
 HANDSHAKE, OPEN, CLOSING, CLOSED, DENYING = range(5)
 GOING_AWAY, SERVICE_RESTART, TOO_BIG, PROTOCOL_ERROR, INTERNAL_ERROR, NORMAL = 1001, 1012, 1009, 1002, 1011, 1000
 
@@ -132,7 +132,8 @@ class WsConn(asyncio.Protocol):
             return
         if not event.message_finished:
             return
-        data = self.parts[0] if len(self.parts) == 1 else ("" if isinstance(event, TextMessage) else b"").join(self.parts)
+        empty = "" if isinstance(event, TextMessage) else b""
+        data = self.parts[0] if len(self.parts) == 1 else empty.join(self.parts)
         self.parts, self.size = [], 0
         if isinstance(event, TextMessage):
             self._push({"type": "websocket.receive", "text": data})
