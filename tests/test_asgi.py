@@ -33,6 +33,8 @@ async def application(scope, receive, send):
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if globals().get("STARTUP_HANGS"):
+                    await asyncio.sleep(3600)  # a database that never answers
                 if STARTUP_FAILS:
                     await send({{"type": "lifespan.startup.failed", "message": "database unreachable"}})
                     return
@@ -263,6 +265,19 @@ def test_lifespan_startup_failure_on_reload_leaves_the_old_generation_serving(su
     assert not load.failures(), load.summary()
     assert {r.body for r in load.results} == {"version=1"}
     assert sv.proc.poll() is None
+    assert sv.stop() == 0
+
+
+def test_a_lifespan_startup_that_hangs_fails_the_reload_at_boot_timeout(supervise, asgi_dir):
+    sv = supervise("app", "--workers", "2", "--chdir", str(asgi_dir), "--no-watch", "--boot-timeout", "2").ready()
+    with Load(sv.port, clients=4) as load:
+        load.wait_requests(50)
+        write_asgi_app(asgi_dir, "2", extra="STARTUP_HANGS = True")
+        failed = sv.reload()
+        assert failed["outcome"] == "failed", failed
+        load.wait_requests(50)
+    assert not load.failures(), load.summary()
+    assert {r.body for r in load.results} == {"version=1"}
     assert sv.stop() == 0
 
 
