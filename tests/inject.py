@@ -125,7 +125,10 @@ def serve_late_asgi() -> None:
     """serve-late for the ASGI worker: a draining worker serves its late connection itself."""
     from supervisor.worker.asgi.server import AsgiWorker
 
-    AsgiWorker._hand_off = AsgiWorker._serve  # type: ignore[method-assign]
+    def serve_anyway(self: AsgiWorker, sock: Any) -> None:
+        self._serve(sock, True)
+
+    AsgiWorker._hand_off = serve_anyway  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- negative controls for

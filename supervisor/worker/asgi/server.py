@@ -19,6 +19,7 @@ import asyncio
 import os
 import select
 import signal
+import _socket
 import socket
 import time
 import traceback
@@ -274,23 +275,27 @@ class AsgiWorker:
         except OSError:
             return
         for lsock in list(self.listener_fds.values()):
+            family = lsock.family
+            tcp = family != socket.AF_UNIX
             for _ in range(ACCEPT_BATCH):
                 self._on_signals()  # see WorkerLoop._accept: a SIGTERM may come with the event
                 if not self.accepting:
                     return
                 try:
-                    sock, _ = lsock.accept()
+                    fd, _ = lsock._accept()  # type: ignore[attr-defined]
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     break
                 except OSError as exc:  # out of descriptors: pause, then try again
                     self._accept_failed(exc)
                     return
+                # The C socket type, as the WSGI worker does: none of socket.py's per-socket extras.
+                sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 self._on_signals()
                 if self.draining:
                     self._hand_off(sock)
                     return
                 self.accept_pause = ACCEPT_PAUSE_MIN
-                self._serve(sock)
+                self._serve(sock, tcp)
 
     def _accept_failed(self, exc: OSError) -> None:
         self.log.warning("accept_failed", error=os.strerror(exc.errno or 0), connections=len(self.conns),
@@ -299,7 +304,7 @@ class AsgiWorker:
         self.accept_pause = min(ACCEPT_PAUSE_MAX, self.accept_pause * 2)
         self._update_accepting()
 
-    def _hand_off(self, sock: socket.socket) -> None:
+    def _hand_off(self, sock: Any) -> None:
         sent = self.chan.send(proto.Handoff(), fd=sock.fileno())
         self.log.info("connection_handed_off", sent=sent)
         sock.close()
@@ -310,10 +315,10 @@ class AsgiWorker:
         except OSError:
             os.close(fd)
             return
-        self._serve(sock)
+        self._serve(sock, sock.family != socket.AF_UNIX)
 
-    def _serve(self, sock: socket.socket) -> None:
-        if sock.family != socket.AF_UNIX:
+    def _serve(self, sock: Any, tcp: bool) -> None:
+        if tcp:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
@@ -322,7 +327,7 @@ class AsgiWorker:
         self.connecting += 1  # accepted, not in self.conns yet: the drain must wait for it too
         self.loop.create_task(self._connect(sock, conn))
 
-    async def _connect(self, sock: socket.socket, conn: HttpConn) -> None:
+    async def _connect(self, sock: Any, conn: HttpConn) -> None:
         try:
             await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError:
