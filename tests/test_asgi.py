@@ -214,7 +214,7 @@ def test_max_requests_recycles_asgi_workers_without_failures(supervise, asgi_dir
         fresh.wait_requests(20)
     for each in (load, fresh):
         assert not each.failures(), each.summary()
-    sv.wait_for("worker_draining", reason="recycle")  # the worker was told why (WebSockets: 1012)
+    sv.wait_for("drain_started", reason="recycle")  # the worker was told why (WebSockets: 1012)
     assert sv.stop() == 0
 
 

@@ -209,7 +209,7 @@ class WorkerLoop:
         for sock in self.listeners:
             sock.close()  # our copy only: the master and the new generation keep the socket open
         self.listener_fds.clear()
-        self.log.info("worker_draining", why=why, connections=len(self.conns), busy=len(self.owned))
+        self.log.info("drain_started", why=why, connections=len(self.conns), busy=len(self.owned))
         now = time.monotonic()
         for conn in self.conns.values():
             if conn.phase == IDLE:

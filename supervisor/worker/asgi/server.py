@@ -242,7 +242,7 @@ class AsgiWorker:
             sock.close()  # our copy only
         self.listener_fds.clear()
         self.aep.close()
-        self.log.info("worker_draining", why=why, reason=self.drain_why, connections=len(self.conns),
+        self.log.info("drain_started", why=why, reason=self.drain_why, connections=len(self.conns),
                       busy=self.inflight, websockets=self.websockets)
         for conn in list(self.conns):
             conn.drain_now()
