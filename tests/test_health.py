@@ -43,3 +43,25 @@ def test_health_follows_the_life_cycle(supervise, app_dir):
     assert status == 503 and body["status"] == "stopping"
     slow.join(10)
     assert sv.wait(10) == 0
+
+
+def test_memory_readings_are_read_at_most_once_per_second_per_process():
+    """/health and /metrics with --preload read smaps per worker: a client polling them in a
+    loop must cost the master one read per process per second, not one per request."""
+    from supervisor.master.loop import MemoryReadings
+
+    reads: list[int] = []
+    now = [100.0]
+    readings = MemoryReadings(lambda pid: reads.append(pid) or (pid, 0, 0, 0), lambda: now[0])
+    for _ in range(1000):
+        assert readings(7) == (7, 0, 0, 0)
+    assert reads == [7]
+    readings(8)
+    now[0] += 1.0
+    readings(7)
+    assert reads == [7, 8, 7]  # a second later it is read again
+    # The table stays bounded when pids come and go.
+    for pid in range(10_000, 10_000 + 3 * MemoryReadings.LIMIT):
+        now[0] += 0.5
+        readings(pid)
+    assert len(readings.kept) <= MemoryReadings.LIMIT

@@ -86,8 +86,10 @@ class Master:
         # and the master's ends of their channel and stack-dump pipe, until `Forked` names them.
         self.forking: dict[tuple[int, int], tuple[int, socket.socket, int]] = {}
         self.unclaimed: dict[int, str] = {}  # reaped pids nobody claimed yet (a zygote's Forked may follow)
-        metrics = None if config.no_metrics else Metrics(
-            self.core, listeners, _rss, _memory if config.preload or config.max_memory else None).render
+        # Memory per worker for /health and /metrics reads smaps: at most once a second per
+        # process, however often the endpoint is asked (a polling loop must not starve the master).
+        self.memory = MemoryReadings(_memory, time.monotonic) if config.preload or config.max_memory else None
+        metrics = None if config.no_metrics else Metrics(self.core, listeners, _rss, self.memory).render
         self.health = (HealthServer(health, self.sel, self._snapshot, time.monotonic, metrics)
                        if health is not None else None)
 
@@ -391,8 +393,7 @@ class Master:
         return action
 
     def _snapshot(self) -> tuple[bool, dict[str, Any]]:
-        memory = _memory if self.config.preload or self.config.max_memory else None
-        healthy, body = view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss, memory)
+        healthy, body = view.health(self.core, time.monotonic(), self.started, os.getpid(), _rss, self.memory)
         return healthy, {"version": VERSION, **body}
 
 
@@ -415,6 +416,28 @@ def _memory(pid: int) -> tuple[int | None, int | None, int | None, int | None]:
     except (psutil.Error, OSError):
         return None, None, None, None
     return info.rss, info.uss, getattr(info, "pss", None), max(0, info.rss - info.uss)  # shared: not its own
+
+
+class MemoryReadings:
+    """`read(pid)`, kept for `ttl` seconds: the endpoints' answers may be that old.  Bounded:
+    readings of processes that are gone age out when the table grows."""
+
+    LIMIT = 1024
+
+    def __init__(self, read: Callable[[int], Any], clock: Callable[[], float], ttl: float = 1.0) -> None:
+        self.read, self.clock, self.ttl = read, clock, ttl
+        self.kept: dict[int, tuple[float, Any]] = {}
+
+    def __call__(self, pid: int) -> Any:
+        now = self.clock()
+        kept = self.kept.get(pid)
+        if kept is not None and now - kept[0] < self.ttl:
+            return kept[1]
+        value = self.read(pid)
+        if len(self.kept) >= self.LIMIT:
+            self.kept = {p: k for p, k in self.kept.items() if now - k[0] < self.ttl}
+        self.kept[pid] = (now, value)
+        return value
 
 
 def _code_dir_problem(path: str | None) -> str | None:
