@@ -64,10 +64,25 @@ def wait_exit(pid: int, timeout: float) -> int | None:
 
 
 
+# For programs the tests run (apps, stand-in PID 1s): wait for a process's exit, no fixed sleep.
+WAIT_EXIT = '''import os, select
+def wait_exit(pid):
+    """Return once process `pid` has exited and its children were re-parented (a pidfd turns
+    readable only then): a handshake with the kernel, at most 10 s."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # exited and reaped already
+    try:
+        select.select([fd], [], [], 10)
+    finally:
+        os.close(fd)
+'''
+
 APP_TEMPLATE = '''
-import os, sys, time
+import os, select, sys, time
 VERSION = {version!r}
-{extra}
+{wait_exit}{extra}
 
 def application(environ, start_response):
     path = environ["PATH_INFO"]
@@ -83,8 +98,9 @@ def application(environ, start_response):
         n = int(query.get("n", "3"))
         for _ in range(n):
             if os.fork() == 0:          # child: fork a grandchild, then exit at once
-                if os.fork() == 0:      # grandchild: orphaned, re-parented, exits soon after
-                    time.sleep(0.2)
+                child = os.getpid()
+                if os.fork() == 0:      # grandchild: orphaned, re-parented, then exits
+                    wait_exit(child)
                     with open("orphan.%d" % os.getpid(), "w") as f:
                         f.write(str(os.getppid()))  # who adopted us
                     os._exit(0)
@@ -139,7 +155,7 @@ def write_app(directory: Path, version: str = "1", extra: str = "", name: str = 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(APP_TEMPLATE.format(version=version, extra=textwrap.dedent(extra)))
+    tmp.write_text(APP_TEMPLATE.format(version=version, wait_exit=WAIT_EXIT, extra=textwrap.dedent(extra)))
     os.replace(tmp, path)  # atomic, like a deploy tool
     return path
 

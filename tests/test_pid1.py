@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import http_get, wait_until
+from tests.harness import WAIT_EXIT, http_get, wait_until
 
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
 ORPHANS = 5
@@ -59,14 +59,15 @@ def test_as_pid1_in_a_pid_namespace_orphans_are_reaped(supervise, app_dir):
     assert sv.find("shutdown_finished")
 
 
-NAIVE_INIT = textwrap.dedent("""
-    import os, sys, time
+NAIVE_INIT = WAIT_EXIT + textwrap.dedent("""
+    import os, select, sys, time
     # A plain program as PID 1: it starts the same orphan-making code, waits for its own
     # child only, and never reaps what gets re-parented to it.
     for _ in range(int(sys.argv[1])):
         if os.fork() == 0:
+            child = os.getpid()
             if os.fork() == 0:
-                time.sleep(0.2)
+                wait_exit(child)  # orphaned and re-parented: then exit
                 os._exit(0)
             os._exit(0)
         os.wait()
@@ -103,12 +104,13 @@ def test_not_pid1_becomes_a_subreaper_and_reaps_orphans(supervise, app_dir):
 def test_negative_control_without_subreaper_orphans_go_elsewhere(tmp_path):
     """The same orphan-making code under a plain parent: the orphans are adopted by someone
     else, so the adopter check above really tells subreaping apart."""
-    code = textwrap.dedent(f"""
-        import os, time
+    code = WAIT_EXIT + textwrap.dedent(f"""
+        import os, select, time
         os.chdir({str(tmp_path)!r})
         if os.fork() == 0:
+            child = os.getpid()
             if os.fork() == 0:
-                time.sleep(0.2)
+                wait_exit(child)  # orphaned and re-parented: then say who adopted us
                 open("orphan.%d" % os.getpid(), "w").write(str(os.getppid()))
                 os._exit(0)
             os._exit(0)
