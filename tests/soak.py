@@ -32,7 +32,6 @@ import argparse
 import http.client
 import json
 import os
-import random
 import signal
 import socket
 import sys
@@ -41,11 +40,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import psutil
 
-from tests.harness import Supervise, http_get, wait_until, write_app
+from tests.harness import Supervise, http_get, write_app
 
 CLIENT_TIMEOUT = 15.0
 

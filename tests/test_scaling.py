@@ -4,7 +4,7 @@ and the count set that way is the one every later generation runs with."""
 from __future__ import annotations
 
 from supervisor.lifecycle.actions import Accept, Drain, Kill, Spawn
-from tests.sim import Sim, notes, running
+from tests.sim import notes, running
 
 
 def spawns(actions: list[object]) -> list[Spawn]:

@@ -36,7 +36,6 @@ import ssl
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
