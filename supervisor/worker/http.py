@@ -18,7 +18,7 @@ import select
 import socket
 import tempfile
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import httptools
 
@@ -138,6 +138,8 @@ _CLOSED: Any = _Closed()
 
 class Connection:
     """One client socket: parser state and queued requests."""
+
+    upgrade_rest: bytes | None = None  # after an Upgrade head: the bytes that followed it
 
     def __init__(self, sock: socket.socket, peer: Any, limits: RequestLimits, buffered: bool,
                  spool: int) -> None:
@@ -306,8 +308,12 @@ class Connection:
         queued = len(self.requests)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.closing = True  # served as a plain request, then closed: WSGI has no upgrades
+        except httptools.HttpParserUpgrade as exc:
+            # The WSGI worker serves it as a plain request, then closes (WSGI has no upgrades);
+            # the ASGI worker hands the bytes after the head to the WebSocket.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.upgrade_rest = data[offset:]
+            self.closing = True
         except httptools.HttpParserInvalidMethodError as exc:
             if not (fresh and len(self.requests) == queued + 1 and self._retry_extension_method(data)):
                 self._fail(400, str(exc))
@@ -409,3 +415,28 @@ def wait(sock: socket.socket, events: int, timeout: float) -> None:
     poller.register(sock, events | select.POLLERR | select.POLLHUP)
     if not poller.poll(timeout * 1000):
         raise ClientGone("client timed out")
+
+
+class RejectLog:
+    """`request_rejected` events of a worker: a burst, then at most one per interval, the
+    next one saying how many were not logged.  A flood of bad requests must not flood the log."""
+
+    BURST, INTERVAL = 20, 10.0
+
+    def __init__(self, info: Callable[..., None]) -> None:
+        self.info = info
+        self.since = float("-inf")  # when the current interval began
+        self.logged = 0  # in the current interval
+        self.unlogged = 0
+
+    def __call__(self, status: int, why: str, client: str | None, now: float) -> None:
+        if now - self.since >= self.INTERVAL:
+            self.since, self.logged = now, 0
+        if self.logged >= self.BURST:
+            self.unlogged += 1
+            return
+        self.logged += 1
+        fields: dict[str, int] = {}
+        if self.unlogged:
+            fields["not_logged"], self.unlogged = self.unlogged, 0
+        self.info("request_rejected", status=status, why=why, client=client, **fields)

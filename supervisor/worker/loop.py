@@ -32,7 +32,7 @@ from typing import Any, Callable
 from supervisor import proto
 from supervisor.channel import Channel
 from supervisor.worker import forwarded
-from supervisor.worker.http import Connection, Request
+from supervisor.worker.http import Connection, RejectLog, Request
 from supervisor.worker.spec import WorkerSpec
 from supervisor.worker.watchdog import RequestWatch
 from supervisor.worker.wsgi import Adapter, Exchange
@@ -46,7 +46,6 @@ LINGER = 2.0  # how long a closing connection keeps reading so the client never 
 ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 1.0  # back-off after accept() failed (out of descriptors)
 ACCEPT_LOG_INTERVAL = 2.0  # at most one accept_failed line per interval, with a count
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-REJECT_LOG_BURST, REJECT_LOG_INTERVAL = 20, 10.0  # request_rejected lines: a burst, then per interval
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 # conn.phase
@@ -80,7 +79,7 @@ class WorkerLoop:
         self.accept_failures = 0
         self.accept_logged_at = float("-inf")
         self.started = 0  # requests handed to the app
-        self.rejects_logged_at, self.rejects_logged, self.rejects_unlogged = float("-inf"), 0, 0
+        self.rejects = RejectLog(self.log.info)
         self.term_arrived = False
         signal.signal(signal.SIGTERM, self._term_arrived)
         self.trust = forwarded.Trust(spec.forwarded_allow_ips)
@@ -555,18 +554,7 @@ class WorkerLoop:
         self._linger(conn, time.monotonic())
 
     def _log_reject(self, conn: Connection, code: int, why: str) -> None:
-        """request_rejected: a burst, then at most one per interval (with how many were not)."""
-        now = time.monotonic()
-        if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL or self.rejects_logged < REJECT_LOG_BURST:
-            if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL:
-                self.rejects_logged_at, self.rejects_logged = now, 0
-            self.rejects_logged += 1
-            fields: dict[str, Any] = {}
-            if self.rejects_unlogged:
-                fields["not_logged"], self.rejects_unlogged = self.rejects_unlogged, 0
-            self.log.info("request_rejected", status=code, why=why, client=_client(conn.peer), **fields)
-        else:
-            self.rejects_unlogged += 1  # a flood of bad requests must not flood the log
+        self.rejects(code, why, _client(conn.peer), time.monotonic())
 
     def _finish(self, conn: Connection) -> None:
         """The server is done with this connection."""

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 import httptools
 
 from supervisor.worker import accesslog, forwarded
-from supervisor.worker.http import _VERSION_LINE, REASONS, Connection, Request
+from supervisor.worker.http import REASONS, Connection, Request
 from supervisor.worker.wsgi import SINGLETONS
 
 if TYPE_CHECKING:
@@ -76,35 +76,6 @@ def _head_line(header: Any) -> tuple[bytes, int]:
     if lname == b"content-length" and not value.strip().isdigit():
         raise RuntimeError(f"invalid content-length from the app: {value!r}")
     return b"%b: %b\r\n" % (name, value), _KINDS.get(lname, 0)
-
-
-class Parser(Connection):
-    """The WSGI worker's parser, in streaming mode, that keeps what follows an Upgrade head
-    (the WebSocket's first frames) instead of ignoring the upgrade."""
-
-    upgrade_rest: bytes | None = None
-
-    def feed(self, data: bytes) -> None:
-        """As Connection.feed, but an upgrade keeps the bytes after the head."""
-        fresh = self._cur is None
-        queued = len(self.requests)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self.upgrade_rest = data[offset:]
-            self.closing = True
-        except httptools.HttpParserInvalidMethodError as exc:
-            if not (fresh and len(self.requests) == queued + 1 and self._retry_extension_method(data)):
-                self._fail(400, str(exc))
-        except httptools.HttpParserError as exc:
-            major = _VERSION_LINE.search(data[:self.limits.request_line + 16])
-            self._fail(505 if major and int(major.group(1)) >= 2 else 400, str(exc))
-        cur = self._cur
-        if cur is not None and not cur.head_complete and self.error is None:
-            cur.raw_head += len(data)
-            if cur.raw_head > self.limits.headers + self.limits.request_line:
-                self._fail(431, "request head over its limit")
 
 
 class Cycle:
@@ -342,7 +313,7 @@ class HttpConn(asyncio.Protocol):
     def __init__(self, worker: AsgiWorker) -> None:
         self.worker = worker
         self.transport: Any = None
-        self.c: Parser | None = None
+        self.c: Connection | None = None
         self.cycle: Cycle | None = None
         self.phase = IDLE
         self.deadline = 0.0
@@ -373,7 +344,7 @@ class HttpConn(asyncio.Protocol):
             self.trusted = worker.trust(peer[0])
         if isinstance(local, tuple):
             self.server = (local[0], local[1])
-        self.c = Parser(sock, peer, worker.spec.limits, False, 0)
+        self.c = Connection(sock, peer, worker.spec.limits, False, 0)
         if worker.spec.proxy_protocol != "off" and (self.trusted or not isinstance(peer, tuple)):
             self.phase, self.deadline = PROXY, time.monotonic() + worker.spec.header_timeout
         else:

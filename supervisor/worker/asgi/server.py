@@ -31,7 +31,7 @@ from supervisor.worker import accesslog, forwarded
 from supervisor.worker.asgi.http import UPGRADED, Cycle, HttpConn, build_scope
 from supervisor.worker.asgi.lifespan import Lifespan
 from supervisor.worker.asgi.websocket import CLOSE_WAIT, WsConn
-from supervisor.worker.http import REASONS, Request
+from supervisor.worker.http import REASONS, RejectLog, Request
 from supervisor.worker.spec import WorkerSpec
 from supervisor.worker.stats import NoStats, RequestStats
 from supervisor.worker.wsgi import _DateCache
@@ -47,7 +47,6 @@ FIRST_REQUEST_WAIT = 5.0  # with keep-alive off, how long a new connection may t
 ACCEPT_BATCH = 16
 ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 1.0
 LIFESPAN_SHARE = 0.25  # of --graceful-timeout, kept for the lifespan shutdown (at most 2 s)
-REJECT_LOG_BURST, REJECT_LOG_INTERVAL = 20, 10.0
 
 
 def drain_time(graceful: float) -> float:
@@ -125,7 +124,7 @@ class AsgiWorker:
             s.setblocking(False)
         self.done: asyncio.Future | None = None
         self.next_beat = 0.0
-        self.rejects_logged_at, self.rejects_logged, self.rejects_unlogged = float("-inf"), 0, 0
+        self.rejects = RejectLog(log.info)
 
     # ------------------------------------------------------------------ life
     def run(self, ready: Callable[[], None]) -> str | None:
@@ -412,18 +411,7 @@ class AsgiWorker:
         return head.encode("latin-1") + body
 
     def reject(self, conn: Any, code: int, why: str) -> None:
-        """request_rejected: a burst, then at most one per interval (with how many were not)."""
-        now = time.monotonic()
-        if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL or self.rejects_logged < REJECT_LOG_BURST:
-            if now - self.rejects_logged_at >= REJECT_LOG_INTERVAL:
-                self.rejects_logged_at, self.rejects_logged = now, 0
-            self.rejects_logged += 1
-            fields: dict[str, Any] = {}
-            if self.rejects_unlogged:
-                fields["not_logged"], self.rejects_unlogged = self.rejects_unlogged, 0
-            self.log.info("request_rejected", status=code, why=why, client=_client(conn), **fields)
-        else:
-            self.rejects_unlogged += 1
+        self.rejects(code, why, _client(conn), time.monotonic())
 
     def client_timeout(self, conn: Any, phase: str, seconds: float) -> None:
         self.log.info("client_timeout", phase=phase, client=_client(conn), seconds=seconds)
